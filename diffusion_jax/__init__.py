@@ -1,0 +1,1 @@
+"""diffusion_jax: denoising diffusion probabilistic models in JAX/Flax."""
