@@ -35,11 +35,12 @@ from diffusion_jax.losses import (
     vlb_term,
 )
 from diffusion_jax.nll import NLL, nll_bpd
-from diffusion_jax.sampling import SAMPLERS, classifier_free_guidance, sample
+from diffusion_jax.sampling import SAMPLERS, SPACINGS, classifier_free_guidance, sample
 from diffusion_jax.schedules import (
     SCHEDULE_NAMES,
     DiffusionSchedule,
     evenly_spaced_timesteps,
+    log_snr_spaced_timesteps,
     make_schedule,
     respace,
     schedule_from_alphas_cumprod,

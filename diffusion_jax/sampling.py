@@ -21,9 +21,10 @@ from diffusion_jax.diffusion import (
     x0_from_prediction,
 )
 from diffusion_jax.losses import ModelFn
-from diffusion_jax.schedules import DiffusionSchedule, evenly_spaced_timesteps, respace
+from diffusion_jax.schedules import DiffusionSchedule, evenly_spaced_timesteps, log_snr_spaced_timesteps, respace
 
 SAMPLERS = ("ddpm", "ddim", "dpm_solver++")
+SPACINGS = ("time", "log_snr")
 
 
 def _row_batch(row: jax.Array, batch: int) -> jax.Array:
@@ -68,10 +69,13 @@ def _ddim_step(model_fn, schedule, key, prediction, variance, clip_denoised, eta
         if clip_denoised:
             x0 = jnp.clip(x0, -1.0, 1.0)
         eps = eps_from_x0(schedule, x, t, x0)
-        abar, abar_prev = schedule.alphas_cumprod[row], schedule.alphas_cumprod_prev[row]
-        one_minus, one_minus_prev = schedule.one_minus_alphas_cumprod[row], 1.0 - abar_prev
-        sigma = eta * jnp.sqrt(one_minus_prev / one_minus) * jnp.sqrt(jnp.maximum(1.0 - abar / abar_prev, 0.0))
-        mean = jnp.sqrt(abar_prev) * x0 + jnp.sqrt(jnp.maximum(one_minus_prev - sigma**2, 0.0)) * eps
+        beta, one_minus = schedule.betas[row], schedule.one_minus_alphas_cumprod[row]
+        one_minus_prev = jnp.where(row > 0, schedule.one_minus_alphas_cumprod[jnp.maximum(row - 1, 0)], 0.0)
+        sigma = eta * jnp.sqrt(one_minus_prev * beta / one_minus)
+        # 1 - abar_{t-1} - sigma^2 rewritten without cancellation (it nears 0 where beta -> 1):
+        # (1 - abar_{t-1}) (alpha_t (1 - abar_{t-1}) + (1 - eta^2) beta_t) / (1 - abar_t).
+        eps_coef = jnp.sqrt(one_minus_prev * ((1.0 - beta) * one_minus_prev + (1.0 - eta**2) * beta) / one_minus)
+        mean = jnp.sqrt(schedule.alphas_cumprod_prev[row]) * x0 + eps_coef * eps
         noise = jax.random.normal(jax.random.fold_in(key, row), x.shape, x.dtype)
         x = mean + jnp.where(row > 0, sigma, 0.0) * noise
         return x, x
@@ -119,6 +123,7 @@ def sample(
     *,
     sampler: str = "ddpm",
     num_steps: int | None = None,
+    spacing: str | None = None,
     eta: float = 0.0,
     prediction: str = "eps",
     variance: str = "fixed_small",
@@ -135,9 +140,13 @@ def sample(
         deterministic DDIM, 1: DDPM-like noise).
       - ``"dpm_solver++"``: DPM-Solver++(2M) (Lu et al. 2022), for 10-25 steps.
 
-    With ``num_steps`` the schedule is first respaced to that many evenly
-    spaced steps (always keeping the last); without it the schedule's own
-    rows are used, so a schedule from :func:`respace` can be passed directly.
+    With ``num_steps`` the schedule is first respaced to that many steps,
+    always keeping the first and last rows; without it the schedule's own rows
+    are used, so a schedule from :func:`respace` can be passed directly.
+    ``spacing`` picks the kept rows: ``"time"`` evenly in t (Nichol & Dhariwal
+    2021; the default for ddpm and ddim) or ``"log_snr"`` evenly in log-SNR
+    (Lu et al. 2022 sec. 3.3; the default for dpm_solver++, and the better
+    choice for few-step DDIM on low-resolution data).
     The model is always called with the original training timesteps.
 
     Args:
@@ -150,6 +159,7 @@ def sample(
         ``fold_in(other half, row)``.
       sampler: ``"ddpm"``, ``"ddim"`` or ``"dpm_solver++"``.
       num_steps: respace to this many steps, or None.
+      spacing: ``"time"``, ``"log_snr"`` or None for the sampler's default.
       eta: DDIM's stochasticity, in [0, 1].
       prediction: the model's prediction type, ``"eps"``, ``"x0"`` or ``"v"``.
       variance: ``"fixed_small"``, ``"fixed_large"`` or ``"learned_range"`` (the
@@ -173,11 +183,18 @@ def sample(
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
     if x_T is not None and tuple(x_T.shape) != shape:
         raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
+    if spacing is None:
+        spacing = "log_snr" if sampler == "dpm_solver++" else "time"
+    _checks.check_choice("spacing", spacing, SPACINGS)
     if num_steps is not None:
         if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
             raise TypeError(f"num_steps must be an int or None, got {num_steps!r}")
         if num_steps != schedule.num_timesteps:
-            schedule = respace(schedule, evenly_spaced_timesteps(schedule.num_timesteps, num_steps))
+            if spacing == "time":
+                rows = evenly_spaced_timesteps(schedule.num_timesteps, num_steps)
+            else:
+                rows = log_snr_spaced_timesteps(schedule, num_steps)
+            schedule = respace(schedule, rows)
 
     key_x_T, key_steps = jax.random.split(key)
     x = jax.random.normal(key_x_T, shape, jnp.float32) if x_T is None else jnp.asarray(x_T, jnp.float32)

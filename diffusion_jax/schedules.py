@@ -305,11 +305,60 @@ def evenly_spaced_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
     return np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int64)
 
 
+def log_snr_spaced_timesteps(
+    schedule: DiffusionSchedule, num_steps: int, *, log_snr_floor: float = -10.0
+) -> np.ndarray:
+    """``num_steps`` distinct rows whose log-SNR lambda_t is as close to evenly spaced as the grid allows.
+
+    Uniform steps in lambda are what DPM-Solver recommends for low-resolution
+    pixel models (Lu et al. 2022, sec. 3.3, "logSNR" skip type): each step then
+    covers the same change of lambda, h, so the multistep ratio r = 1. Each
+    target lambda is rounded to its nearest row; where rows would repeat
+    (lambda moves faster than one row per step near t = 0) they are pushed
+    apart, so exactly ``num_steps`` rows are returned, always including 0 and
+    T - 1. Needs a concrete schedule.
+
+    The targets start from max(lambda_{T-1}, ``log_snr_floor``): below about
+    -10 the data is invisible and the prediction barely changes, so steps
+    there are wasted. This is DPM-Solver's truncation of the cosine schedule
+    at t = 0.9946 (log-SNR about -9.6), whose 0.999 beta cap otherwise sends
+    lambda from -10 to -20 over its last few rows; the linear DDPM schedule
+    ends at -10.1 and is unaffected. The chain still starts at row T - 1.
+    """
+    num_timesteps = schedule.num_timesteps
+    if not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}")
+    if num_steps == 1:
+        return np.array([num_timesteps - 1], np.int64)
+    if not _is_concrete(schedule.alphas_cumprod, schedule.one_minus_alphas_cumprod):
+        raise ValueError(
+            "log-SNR spacing needs a concrete schedule (it decides which rows are kept); "
+            "respace outside jit, or use spacing='time'"
+        )
+    lam = np.log(np.asarray(schedule.alphas_cumprod, np.float64)) - np.log(
+        np.asarray(schedule.one_minus_alphas_cumprod, np.float64)
+    )
+    lam = np.maximum(lam, log_snr_floor)  # non-increasing in the row
+    targets = np.linspace(lam[-1], lam[0], num_steps)[::-1]  # increasing rows
+    idx = np.searchsorted(-lam, -targets)  # first row with lambda <= target
+    idx = np.clip(idx, 0, num_timesteps - 1)
+    lower = np.clip(idx - 1, 0, num_timesteps - 1)
+    idx = np.where(np.abs(lam[lower] - targets) < np.abs(lam[idx] - targets), lower, idx)
+    idx[0], idx[-1] = 0, num_timesteps - 1
+    for i in range(1, num_steps):  # push repeats up ...
+        idx[i] = max(idx[i], idx[i - 1] + 1)
+    idx[-1] = min(idx[-1], num_timesteps - 1)
+    for i in range(num_steps - 2, -1, -1):  # ... and back under T - 1
+        idx[i] = min(idx[i], idx[i + 1] - 1)
+    return idx.astype(np.int64)
+
+
 def respace(schedule: DiffusionSchedule, timesteps: Sequence[int] | np.ndarray) -> DiffusionSchedule:
     """A schedule over an increasing subset of ``schedule``'s rows (Nichol & Dhariwal 2021 sec. 4).
 
     The kept rows keep their alphabar_t; the new betas are
-    beta'_i = 1 - alphabar_{k_i} / alphabar_{k_{i-1}}, so the respaced forward
+    beta'_i = 1 - alphabar_{k_i} / alphabar_{k_{i-1}} = 1 - prod_{k_{i-1} < j <= k_i} (1 - beta_j),
+    computed in log space from the original betas, so the respaced forward
     process has exactly the same marginals q(x_{k_i} | x_0). ``timesteps`` of
     the result maps each new row back to the original training index, so a
     model is always called with the timesteps it was trained on.
@@ -331,10 +380,18 @@ def respace(schedule: DiffusionSchedule, timesteps: Sequence[int] | np.ndarray) 
         raise ValueError("respace timesteps must be strictly increasing")
     if idx[0] < 0 or idx[-1] >= schedule.num_timesteps:
         raise ValueError(f"respace timesteps must lie in [0, {schedule.num_timesteps - 1}], got {idx[0]}..{idx[-1]}")
-    abar = schedule.alphas_cumprod[idx]
-    one_minus = schedule.one_minus_alphas_cumprod[idx]
-    if _is_concrete(abar, one_minus):
-        abar, one_minus = np.asarray(abar, np.float64), np.asarray(one_minus, np.float64)
+    # Work in log alphabar from the original betas: 1 - alphabar_t keeps only a few
+    # digits in float32 near t = 0, so dividing stored alphabars would not do.
+    betas, timesteps = schedule.betas, schedule.timesteps
+    xp = np if _is_concrete(betas, timesteps) else jnp
+    if xp is np:
+        betas, timesteps = np.asarray(betas, np.float64), np.asarray(timesteps)
+    log_abar_all = xp.concatenate([xp.zeros((1,), betas.dtype), xp.cumsum(xp.log1p(-betas))])
+    log_abar = log_abar_all[idx + 1]
+    log_abar_prev = log_abar_all[np.concatenate([[0], idx[:-1] + 1])]
     return schedule_from_alphas_cumprod(
-        abar, one_minus_alphas_cumprod=one_minus, timesteps=schedule.timesteps[idx]
+        xp.exp(log_abar),
+        one_minus_alphas_cumprod=-xp.expm1(log_abar),
+        betas=-xp.expm1(log_abar - log_abar_prev),
+        timesteps=timesteps[idx],
     )

@@ -1,0 +1,417 @@
+"""The DDPM UNet (Ho et al. 2020, App. B) with the ADM options of Dhariwal & Nichol 2021.
+
+Architecture (Ho et al. 2020 App. B; the original TF code ``diffusion_tf/models/unet.py``):
+
+* a sinusoidal timestep embedding of width ``ch`` (:func:`timestep_embedding`)
+  through ``Dense(4ch) -> swish -> Dense(4ch)``; with class conditioning a learned
+  class embedding is added to it (Dhariwal & Nichol 2021 sec. 4);
+* ``conv_in``, then per resolution level ``num_res_blocks`` residual blocks (each
+  followed by self-attention when the feature map's height is in
+  ``attn_resolutions``) and a downsample (all levels but the last);
+* a middle ``ResBlock -> AttnBlock -> ResBlock``;
+* per level on the way up ``num_res_blocks + 1`` residual blocks, each taking the
+  concatenation of the current features with one skip activation from the way
+  down, then an upsample (all levels but the first);
+* ``GroupNorm -> swish -> conv_out``.
+
+Every residual block's last conv, every attention output projection and
+``conv_out`` start at zero, so a freshly initialised network outputs exactly 0
+and every block starts as the identity (plus a learned shortcut where the width
+changes). Other weights use the DDPM default: variance scaling, fan_avg, uniform.
+
+With ``UNetConfig()`` (ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
+attn_resolutions=(16,)) on 32x32x3 inputs the network has 35,746,307
+parameters: the "35.7M" CIFAR-10 model of Ho et al. 2020 App. B.
+
+Compute dtype: parameters are float32; activations use ``UNetConfig.dtype``
+(float32 or bfloat16). GroupNorm statistics and the attention softmax are
+computed in float32 whatever the compute dtype, and the output is float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_NUM_GROUPS = 32  # GroupNorm groups, Ho et al. 2020 App. B
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_ATTENTION_IMPLS = (None, "xla", "cudnn")
+
+# The DDPM TF code's default initialiser (diffusion_tf/nn.py `default_init`).
+_default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+_zero_init = nn.initializers.zeros
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """Hyperparameters of :class:`UNet`. Defaults are the DDPM CIFAR-10 model.
+
+    Attributes:
+      ch: base channel count; level ``i`` has ``ch * ch_mult[i]`` channels and the
+        timestep embedding has ``4 * ch``. Must be a multiple of 32 (GroupNorm groups).
+      ch_mult: channel multiplier per resolution level; there are
+        ``len(ch_mult) - 1`` downsamplings, so image sides must be divisible by
+        ``2 ** (len(ch_mult) - 1)``.
+      num_res_blocks: residual blocks per level on the way down (the way up has one more).
+      attn_resolutions: feature-map sizes (height in pixels, e.g. 16 for the 16x16
+        level of a 32x32 model) at which self-attention follows each residual
+        block. The middle block always has attention.
+      dropout: dropout rate inside residual blocks (before the second conv), active
+        only when ``train=True``.
+      out_channels: output channels; ``None`` means the input's channel count.
+        Pass ``2 * C`` for learned variances (Nichol & Dhariwal 2021).
+      num_heads: attention heads, used when ``num_head_channels`` is None.
+      num_head_channels: if set, each attention layer uses
+        ``channels // num_head_channels`` heads of this width (ADM).
+      scale_shift_norm: ADM adaptive group norm: the second norm of each residual
+        block becomes ``norm(h) * (1 + scale) + shift`` with ``(scale, shift)``
+        projected from the embedding, instead of adding the embedding before it.
+      resblock_updown: ADM: down/upsample with residual blocks (average pool /
+        nearest upsample inside the block) instead of a strided conv / upsample+conv.
+      num_classes: if set, the model is class-conditional with a learned embedding
+        of ``num_classes + 1`` entries; label ``num_classes`` is the null class
+        (for classifier-free guidance, Ho & Salimans 2021).
+      dtype: compute dtype, "float32" or "bfloat16". Parameters are always float32.
+      attention_impl: passed to ``jax.nn.dot_product_attention(implementation=...)``:
+        None (JAX's default choice), "xla", or "cudnn" (fused GPU kernel; needs
+        bfloat16 and a head width cuDNN supports).
+    """
+
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.1
+    out_channels: int | None = None
+    num_heads: int = 1
+    num_head_channels: int | None = None
+    scale_shift_norm: bool = False
+    resblock_updown: bool = False
+    num_classes: int | None = None
+    dtype: str = "float32"
+    attention_impl: Literal["xla", "cudnn"] | None = None
+
+    def __post_init__(self):
+        # Configs often arrive with lists (YAML, ml_collections); store tuples so the
+        # config stays hashable.
+        for name in ("ch_mult", "attn_resolutions"):
+            value = getattr(self, name)
+            if not isinstance(value, (tuple, list)):
+                raise TypeError(f"UNetConfig.{name} must be a tuple of ints, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        if not _is_int(self.ch) or self.ch <= 0 or self.ch % _NUM_GROUPS:
+            raise ValueError(f"UNetConfig.ch must be a positive multiple of {_NUM_GROUPS} "
+                             f"(GroupNorm groups), got {self.ch!r}")
+        if not self.ch_mult or not all(_is_int(m) and m > 0 for m in self.ch_mult):
+            raise ValueError(f"UNetConfig.ch_mult must be a non-empty tuple of positive ints, "
+                             f"got {self.ch_mult!r}")
+        if not _is_int(self.num_res_blocks) or self.num_res_blocks < 1:
+            raise ValueError(f"UNetConfig.num_res_blocks must be an int >= 1, got {self.num_res_blocks!r}")
+        if not all(_is_int(r) and r > 0 for r in self.attn_resolutions):
+            raise ValueError(f"UNetConfig.attn_resolutions must be positive ints, got {self.attn_resolutions!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.out_channels is not None and (not _is_int(self.out_channels) or self.out_channels <= 0):
+            raise ValueError(f"UNetConfig.out_channels must be a positive int or None, got {self.out_channels!r}")
+        if not _is_int(self.num_heads) or self.num_heads < 1:
+            raise ValueError(f"UNetConfig.num_heads must be an int >= 1, got {self.num_heads!r}")
+        if self.num_head_channels is not None and (
+                not _is_int(self.num_head_channels) or self.num_head_channels <= 0):
+            raise ValueError(f"UNetConfig.num_head_channels must be a positive int or None, "
+                             f"got {self.num_head_channels!r}")
+        for name in ("scale_shift_norm", "resblock_updown"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"UNetConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.num_classes is not None and (not _is_int(self.num_classes) or self.num_classes < 1):
+            raise ValueError(f"UNetConfig.num_classes must be a positive int or None, got {self.num_classes!r}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"UNetConfig.dtype must be one of {tuple(_DTYPES)}, got {self.dtype!r}")
+        if self.attention_impl not in _ATTENTION_IMPLS:
+            raise ValueError(f"UNetConfig.attention_impl must be one of {_ATTENTION_IMPLS}, "
+                             f"got {self.attention_impl!r}")
+
+    def num_attention_heads(self, channels: int) -> int:
+        """Heads of an attention layer over ``channels`` channels; raises if they do not divide."""
+        if self.num_head_channels is not None:
+            if channels % self.num_head_channels:
+                raise ValueError(f"UNetConfig.num_head_channels={self.num_head_channels} does not divide "
+                                 f"the {channels} channels of an attention layer")
+            return channels // self.num_head_channels
+        if channels % self.num_heads:
+            raise ValueError(f"UNetConfig.num_heads={self.num_heads} does not divide "
+                             f"the {channels} channels of an attention layer")
+        return self.num_heads
+
+
+def timestep_embedding(t: jax.Array, dim: int, *, max_period: float = 10_000.0) -> jax.Array:
+    """Sinusoidal embedding of timesteps (Vaswani et al. 2017 sec. 3.5, as in DDPM's TF code).
+
+    With ``half = dim // 2`` and frequencies ``f_i = max_period ** (-i / (half - 1))``
+    for ``i = 0 .. half-1`` (so ``f_0 = 1`` and ``f_{half-1} = 1 / max_period``)::
+
+        emb(t) = [sin(t f_0), ..., sin(t f_{half-1}), cos(t f_0), ..., cos(t f_{half-1})]
+
+    followed by one zero column when ``dim`` is odd.
+
+    Args:
+      t: ``[B]`` timesteps (ints or floats).
+      dim: embedding width, >= 4.
+      max_period: the longest period, ``2 pi max_period``.
+
+    Returns:
+      ``[B, dim]`` float32 embedding.
+    """
+    if not _is_int(dim) or dim < 4:
+        raise ValueError(f"timestep_embedding dim must be an int >= 4, got {dim!r}")
+    t = jnp.asarray(t)
+    if t.ndim != 1:
+        raise ValueError(f"timestep_embedding expects t of shape [B], got shape {t.shape}")
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) / (half - 1) * jnp.arange(half, dtype=jnp.float32))
+    angles = t.astype(jnp.float32)[:, None] * freqs[None, :]
+    emb = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+def _group_norm(dtype, name: str) -> nn.GroupNorm:
+    # Statistics are reduced in float32 (force_float32_reductions); two-pass variance
+    # avoids E[x^2] - E[x]^2 cancellation.
+    return nn.GroupNorm(num_groups=_NUM_GROUPS, epsilon=1e-6, dtype=dtype, use_fast_variance=False, name=name)
+
+
+def _conv3x3(features: int, dtype, name: str, *, stride: int = 1, zero_init: bool = False) -> nn.Conv:
+    # "SAME" pads (0, 1) for a stride-2 conv on an even size, as TF did in DDPM.
+    return nn.Conv(features, (3, 3), strides=(stride, stride), padding="SAME", dtype=dtype,
+                   kernel_init=_zero_init if zero_init else _default_init, name=name)
+
+
+def _dense(features: int, dtype, name: str, *, zero_init: bool = False) -> nn.Dense:
+    return nn.Dense(features, dtype=dtype, kernel_init=_zero_init if zero_init else _default_init, name=name)
+
+
+def _upsample_nearest_2x(x: jax.Array) -> jax.Array:
+    """``[B, H, W, C] -> [B, 2H, 2W, C]``, each pixel repeated in a 2x2 block."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def _avg_pool_2x(x: jax.Array) -> jax.Array:
+    """``[B, H, W, C] -> [B, H/2, W/2, C]``, the mean of each 2x2 block."""
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class ResBlock(nn.Module):
+    """Residual block (Ho et al. 2020 App. B; ADM options from Dhariwal & Nichol 2021 sec. 3).
+
+    ``h = conv1(swish(norm1(x))) + Dense(swish(emb))``, ``h = swish(norm2(h))`` (or with
+    ``scale_shift_norm``: ``h = swish(norm2(conv1(...)) * (1 + scale) + shift)``),
+    ``h = conv2(dropout(h))`` with conv2 zero-initialised, and the output is
+    ``shortcut(x) + h``, where the shortcut is a 1x1 projection ("NIN") when the
+    channel count changes. With ``resample`` the block also halves ("down", average
+    pooling) or doubles ("up", nearest) the spatial size, applied to both paths after
+    the first norm, as in ADM's ``resblock_updown``.
+    """
+
+    out_ch: int
+    dropout: float
+    scale_shift_norm: bool = False
+    resample: Literal["up", "down"] | None = None
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, emb: jax.Array, *, train: bool) -> jax.Array:
+        h = nn.swish(_group_norm(self.dtype, "norm1")(x))
+        if self.resample == "up":
+            h, x = _upsample_nearest_2x(h), _upsample_nearest_2x(x)
+        elif self.resample == "down":
+            h, x = _avg_pool_2x(h), _avg_pool_2x(x)
+        h = _conv3x3(self.out_ch, self.dtype, "conv1")(h)
+
+        emb_features = 2 * self.out_ch if self.scale_shift_norm else self.out_ch
+        emb_out = _dense(emb_features, self.dtype, "temb_proj")(nn.swish(emb))[:, None, None, :]
+        if self.scale_shift_norm:
+            scale, shift = jnp.split(emb_out, 2, axis=-1)
+            h = _group_norm(self.dtype, "norm2")(h) * (1 + scale) + shift
+        else:
+            h = _group_norm(self.dtype, "norm2")(h + emb_out)
+        h = nn.swish(h)
+        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        h = _conv3x3(self.out_ch, self.dtype, "conv2", zero_init=True)(h)
+
+        if x.shape[-1] != self.out_ch:
+            x = _dense(self.out_ch, self.dtype, "nin_shortcut")(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Self-attention over all pixels with a residual connection (Ho et al. 2020 App. B).
+
+    ``h = norm(x)``; ``q, k, v = h W_q, h W_k, h W_v`` (one fused 1x1 projection); per
+    head, ``softmax(q k^T / sqrt(d)) v`` over the ``H*W`` positions, with heads taking
+    contiguous ``d``-channel slices; the output is ``x + proj_out(attn)`` with
+    ``proj_out`` zero-initialised. Uses ``jax.nn.dot_product_attention`` so that a
+    fused kernel can be used where available; its softmax runs in float32.
+    """
+
+    num_heads: int = 1
+    dtype: jnp.dtype = jnp.float32
+    attention_impl: Literal["xla", "cudnn"] | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, height, width, c = x.shape
+        if c % self.num_heads:
+            raise ValueError(f"AttnBlock: num_heads={self.num_heads} does not divide {c} channels")
+        h = _group_norm(self.dtype, "norm")(x)
+        qkv = _dense(3 * c, self.dtype, "qkv")(h)
+        q, k, v = (a.reshape(b, height * width, self.num_heads, c // self.num_heads)
+                   for a in jnp.split(qkv, 3, axis=-1))
+        h = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+        h = h.reshape(b, height, width, c)
+        return x + _dense(c, self.dtype, "proj_out", zero_init=True)(h)
+
+
+class Downsample(nn.Module):
+    """Halve the spatial size with a stride-2 3x3 conv (Ho et al. 2020, DDPM TF code)."""
+
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return _conv3x3(x.shape[-1], self.dtype, "conv", stride=2)(x)
+
+
+class Upsample(nn.Module):
+    """Double the spatial size: nearest-neighbour repeat, then a 3x3 conv (Ho et al. 2020)."""
+
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return _conv3x3(x.shape[-1], self.dtype, "conv")(_upsample_nearest_2x(x))
+
+
+class UNet(nn.Module):
+    """The DDPM/ADM UNet noise-prediction network; see the module docstring.
+
+    Call with ``rngs={"dropout": key}`` when ``train=True`` and ``config.dropout > 0``.
+    """
+
+    config: UNetConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, *, train: bool) -> jax.Array:
+        """Predict the network output for noisy images.
+
+        Args:
+          x: ``[B, H, W, C]`` float images; H and W divisible by ``2 ** (len(ch_mult) - 1)``.
+          t: ``[B]`` int timestep indices (0-based, as in the diffusion schedule).
+          y: ``[B]`` int class labels in ``[0, num_classes]`` (``num_classes`` is the
+            null class); required exactly when ``config.num_classes`` is set.
+          train: enables dropout.
+
+        Returns:
+          ``[B, H, W, out_channels]`` float32.
+        """
+        cfg = self.config
+        self._check_inputs(x, t, y)
+        dtype = _DTYPES[cfg.dtype]
+        num_levels = len(cfg.ch_mult)
+        out_channels = cfg.out_channels or x.shape[-1]
+
+        def res_block(h, out_ch, name, resample=None):
+            block = ResBlock(out_ch, cfg.dropout, cfg.scale_shift_norm, resample, dtype, name=name)
+            return block(h, emb, train=train)
+
+        def attn_block(h, name):
+            heads = cfg.num_attention_heads(h.shape[-1])
+            return AttnBlock(heads, dtype, cfg.attention_impl, name=name)(h)
+
+        # Timestep (and class) embedding, [B, 4ch].
+        emb = timestep_embedding(t, cfg.ch)
+        emb = _dense(4 * cfg.ch, dtype, "temb_dense0")(emb)
+        emb = _dense(4 * cfg.ch, dtype, "temb_dense1")(nn.swish(emb))
+        if cfg.num_classes is not None:
+            emb = emb + nn.Embed(cfg.num_classes + 1, 4 * cfg.ch, dtype=dtype, name="class_embed")(y)
+
+        # Down: keep every activation for the skip connections.
+        hs = [_conv3x3(cfg.ch, dtype, "conv_in")(x.astype(dtype))]
+        for level, mult in enumerate(cfg.ch_mult):
+            for i in range(cfg.num_res_blocks):
+                h = res_block(hs[-1], cfg.ch * mult, f"down_{level}_block_{i}")
+                if h.shape[1] in cfg.attn_resolutions:
+                    h = attn_block(h, f"down_{level}_attn_{i}")
+                hs.append(h)
+            if level != num_levels - 1:
+                if cfg.resblock_updown:
+                    hs.append(res_block(hs[-1], hs[-1].shape[-1], f"down_{level}_downsample", "down"))
+                else:
+                    hs.append(Downsample(dtype, name=f"down_{level}_downsample")(hs[-1]))
+
+        h = res_block(hs[-1], hs[-1].shape[-1], "mid_block_1")
+        h = attn_block(h, "mid_attn")
+        h = res_block(h, h.shape[-1], "mid_block_2")
+
+        # Up: num_res_blocks + 1 blocks per level, each consuming one skip.
+        for level in reversed(range(num_levels)):
+            for i in range(cfg.num_res_blocks + 1):
+                h = res_block(jnp.concatenate([h, hs.pop()], axis=-1), cfg.ch * cfg.ch_mult[level],
+                              f"up_{level}_block_{i}")
+                if h.shape[1] in cfg.attn_resolutions:
+                    h = attn_block(h, f"up_{level}_attn_{i}")
+            if level != 0:
+                if cfg.resblock_updown:
+                    h = res_block(h, h.shape[-1], f"up_{level}_upsample", "up")
+                else:
+                    h = Upsample(dtype, name=f"up_{level}_upsample")(h)
+        assert not hs, "every skip activation is consumed on the way up"
+
+        h = nn.swish(_group_norm(dtype, "norm_out")(h))
+        h = _conv3x3(out_channels, dtype, "conv_out", zero_init=True)(h)
+        return h.astype(jnp.float32)
+
+    def _check_inputs(self, x, t, y) -> None:
+        """Shape checks (static under jit, so free); raise before any layer is built."""
+        cfg = self.config
+        for name, a in (("x", x), ("t", t), ("y", y)):
+            if a is not None and not hasattr(a, "shape"):
+                raise TypeError(f"UNet: {name} must be an array, got {type(a).__name__}")
+        if x.ndim != 4:
+            raise ValueError(f"UNet: x must have rank 4 [B, H, W, C], got shape {tuple(x.shape)}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"UNet: x must be a floating-point array, got dtype {x.dtype}")
+        b, height, width, _ = x.shape
+        factor = 2 ** (len(cfg.ch_mult) - 1)
+        if height % factor or width % factor:
+            raise ValueError(f"UNet: image size {height}x{width} must be divisible by {factor} "
+                             f"= 2**(len(ch_mult) - 1) for ch_mult={cfg.ch_mult}")
+        if tuple(t.shape) != (b,):
+            raise ValueError(f"UNet: t must have shape [B] = ({b},), got {tuple(t.shape)}")
+        if cfg.num_classes is None:
+            if y is not None:
+                raise ValueError("UNet: labels y were passed but UNetConfig.num_classes is None")
+        else:
+            if y is None:
+                raise ValueError(f"UNet: UNetConfig.num_classes={cfg.num_classes} needs labels y of shape [B] "
+                                 f"(use label {cfg.num_classes} for the null class)")
+            if tuple(y.shape) != (b,) or not jnp.issubdtype(y.dtype, jnp.integer):
+                raise ValueError(f"UNet: y must be an int array of shape [B] = ({b},), "
+                                 f"got shape {tuple(y.shape)} dtype {y.dtype}")
+            if not isinstance(y, jax.core.Tracer) and not np.all((np.asarray(y) >= 0) & (np.asarray(y) <= cfg.num_classes)):
+                raise ValueError(f"UNet: labels y must be in [0, {cfg.num_classes}] "
+                                 f"({cfg.num_classes} = null class), got {y}")
+        # Attention widths: each level with attention, and the middle block (last level).
+        for level, mult in enumerate(cfg.ch_mult):
+            if height >> level in cfg.attn_resolutions or level == len(cfg.ch_mult) - 1:
+                cfg.num_attention_heads(cfg.ch * mult)

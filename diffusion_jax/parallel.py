@@ -1,0 +1,187 @@
+"""Devices, meshes and shardings: the one module that knows about them.
+
+Everything diffusion_jax runs on more than one device goes through here: a
+1-D mesh over all devices of the job with the axis name ``"data"``, the state
+replicated (``P()``) and the batch split along its first axis
+(``P("data")``). Per-device functions are written with collectives over
+``"data"`` (``lax.pmean``, ``lax.psum``) and mapped with ``jax.shard_map``
+under ``jax.jit``, so the same code runs on one CPU, eight GPUs or a TPU pod
+slice, and on several processes joined by ``jax.distributed``.
+
+Data layout. ``jax.devices()`` lists devices process by process, so the mesh
+built by :func:`make_mesh` gives each process a contiguous block of the
+global batch, and :func:`shard_batch` places this process's host batch in
+that block.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+# Environment variables by which a launcher (or a cluster that JAX detects on
+# its own, e.g. SLURM or a Cloud TPU pod) says that this is one process of a
+# multi-process job.
+_DISTRIBUTED_ENV_VARS = (
+    "JAX_COORDINATOR_ADDRESS",
+    "SLURM_NTASKS",
+    "OMPI_COMM_WORLD_SIZE",
+    "TPU_WORKER_HOSTNAMES",
+    "MEGASCALE_COORDINATOR_ADDRESS",
+)
+
+
+def maybe_initialize_distributed(enabled: bool | str) -> bool:
+    """Joins the multi-process job with ``jax.distributed.initialize`` if asked.
+
+    Must run before anything touches a JAX device, because the backend is
+    created once per process.
+
+    Args:
+      enabled: ``True`` always initializes (JAX finds the coordinator from its
+        arguments' environment: ``JAX_COORDINATOR_ADDRESS``,
+        ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``, or a cluster it detects);
+        ``False`` never does; ``"auto"`` initializes when one of
+        the environment variables a multi-process launcher sets is present.
+
+    Returns:
+      Whether ``jax.distributed.initialize`` was called.
+    """
+    if enabled not in (True, False, "auto"):
+        raise ValueError(
+            f"config.distributed must be True, False or 'auto', got {enabled!r}")
+    if enabled == "auto":
+        enabled = any(os.environ.get(name) for name in _DISTRIBUTED_ENV_VARS)
+    if not enabled:
+        return False
+    if jax.distributed.is_initialized():
+        return False
+    jax.distributed.initialize()
+    return True
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Returns a 1-D mesh with axis ``"data"`` over ``devices`` (default: all)."""
+    devices = jax.devices() if devices is None else list(devices)
+    if not devices:
+        raise ValueError("make_mesh needs at least one device")
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding that keeps a full copy on every device of ``mesh``."""
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding that splits the leading (batch) axis over ``"data"``."""
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def _shard_map(fn: Callable, mesh: Mesh, in_specs, out_specs) -> Callable:
+    """``jax.shard_map`` with replication checking on, across JAX versions.
+
+    The check matters for correctness, not only for error messages: with it
+    on, ``jax.grad`` of a loss that was ``pmean``-ed inside the per-device
+    function w.r.t. replicated parameters is exactly the gradient of the
+    global-batch mean loss (the transpose of the implicit broadcast of
+    replicated inputs is a ``psum``). The flag is ``check_vma`` from JAX 0.7
+    on and ``check_rep`` in ``jax.experimental.shard_map`` before.
+    """
+    if hasattr(jax, "shard_map"):
+        shard_map = jax.shard_map
+    else:  # JAX < 0.7
+        from jax.experimental.shard_map import shard_map  # pylint: disable=g-import-not-at-top
+    params = inspect.signature(shard_map).parameters
+    check = {"check_vma": True} if "check_vma" in params else {"check_rep": True}
+    return shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **check)
+
+
+def data_parallel(
+    per_device_fn: Callable,
+    mesh: Mesh,
+    *,
+    in_specs: Any,
+    out_specs: Any,
+    donate_argnums: int | Sequence[int] = (),
+) -> Callable:
+    """Maps a per-device function over ``mesh`` and jits it.
+
+    Args:
+      per_device_fn: sees this device's block of every ``P("data")`` input and
+        a full copy of every ``P()`` input; reduces over devices with
+        collectives on the axis ``"data"``.
+      mesh: from :func:`make_mesh`.
+      in_specs, out_specs: ``PartitionSpec`` pytrees (prefixes allowed), e.g.
+        ``(P(), P("data"), P())`` for ``(state, batch, key)``.
+      donate_argnums: arguments whose buffers the caller will not read again
+        (the training state), so XLA updates them in place.
+
+    Returns:
+      A jitted function of global ``jax.Array`` arguments.
+    """
+    mapped = _shard_map(per_device_fn, mesh, in_specs, out_specs)
+    return jax.jit(mapped, donate_argnums=donate_argnums)
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+    """Builds global arrays, split over ``"data"``, from this process's batch.
+
+    Each process passes its own block of the global batch (leading axis
+    ``global_batch // process_count``); the result has the global batch as
+    its leading axis. Works the same with one process.
+    """
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+        batch)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Copies a pytree of host values (equal on every process) to all devices."""
+    sharding = replicated_sharding(mesh)
+
+    def put(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.jit(lambda y: y, out_shardings=sharding)(x)
+        x = np.asarray(x)
+        # A global shape equal to the local one says: every process holds the
+        # whole (identical) value.
+        return jax.make_array_from_process_local_data(sharding, x, x.shape)
+
+    return jax.tree.map(put, tree)
+
+
+def to_host(tree: Any) -> Any:
+    """Fetches a pytree of global arrays as numpy arrays, whole, on every process."""
+    leaves = jax.tree.leaves(tree)
+    if all(not isinstance(x, jax.Array) or x.is_fully_addressable for x in leaves):
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def sync_processes(name: str) -> None:
+    """Waits until every process of the job reaches the barrier ``name``."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def reached_preemption_sync_point(step: int) -> bool:
+    """Whether all processes agreed to stop at ``step`` after a SIGTERM.
+
+    With several processes a local signal flag is not enough (one process
+    stopping would leave the others blocked in a collective); JAX's
+    preemption service, started by ``jax.distributed.initialize``, catches
+    SIGTERM in any process and picks one step at which all of them stop.
+    Always ``False`` in a single-process job.
+    """
+    if jax.process_count() == 1:
+        return False
+    return multihost_utils.reached_preemption_sync_point(step)

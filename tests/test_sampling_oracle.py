@@ -1,0 +1,188 @@
+"""The oracle test of the whole reverse process.
+
+For data from a Gaussian mixture sum_k w_k N(m_k, s_k^2 I), q(x_t) is again a
+mixture, sum_k w_k N(a_t m_k, (a_t^2 s_k^2 + 1 - a_t^2) I) with a_t = sqrt(alphabar_t),
+and the optimal eps-predictor E[eps | x_t] = -sqrt(1 - alphabar_t) grad log q(x_t)
+is a closed-form function of x_t and t. Given it, every sampler must give back
+the mixture: its weights, component means and spreads.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import diffusion_jax as dj
+
+WEIGHTS = np.array([0.2, 0.3, 0.5])
+MEANS = np.array([[-0.6, -0.3], [0.0, 0.5], [0.55, -0.35]])
+STDS = np.array([0.05, 0.1, 0.08])
+NUM_SAMPLES = 4000
+
+
+def optimal_eps_fn(alphas_cumprod):
+    """E[eps | x_t] for the mixture, written from the formula above, not from the library."""
+    weights, means, stds = jnp.asarray(WEIGHTS), jnp.asarray(MEANS), jnp.asarray(STDS)
+    dim = means.shape[1]
+
+    def model_fn(x, t):
+        abar = alphas_cumprod[t][:, None]  # [B, 1], indexed by the ORIGINAL timestep
+        a, sigma2 = jnp.sqrt(abar), 1.0 - abar
+        var = a**2 * stds[None, :] ** 2 + sigma2  # [B, K]
+        diff = x[:, None, :] - a[:, :, None] * means[None]  # [B, K, D]
+        logits = jnp.log(weights)[None] - 0.5 * dim * jnp.log(var) - 0.5 * jnp.sum(diff**2, -1) / var
+        resp = jax.nn.softmax(logits, axis=-1)
+        score = -jnp.sum(resp[..., None] * diff / var[..., None], axis=1)
+        return -jnp.sqrt(sigma2) * score
+
+    return model_fn
+
+
+def mixture_statistics(x):
+    """Weights, means and per-coordinate spreads of samples assigned to their nearest component."""
+    assign = np.argmin(((x[:, None, :] - MEANS[None]) ** 2).sum(-1), axis=1)
+    weights = np.array([(assign == k).mean() for k in range(len(WEIGHTS))])
+    means = np.stack([x[assign == k].mean(0) for k in range(len(WEIGHTS))])
+    stds = np.array([x[assign == k].std(0).mean() for k in range(len(WEIGHTS))])
+    return weights, means, stds
+
+
+def check_mixture(x, *, std_rtol):
+    x = np.asarray(x, np.float64)
+    assert np.all(np.isfinite(x))
+    weights, means, stds = mixture_statistics(x)
+    # Sampling error of a weight at n = 4000 is <= 0.008; allow about 4 sigma.
+    np.testing.assert_allclose(weights, WEIGHTS, atol=0.03)
+    # Means within half the narrowest spread (their sampling error is ~0.002).
+    np.testing.assert_allclose(means, MEANS, atol=0.025)
+    np.testing.assert_allclose(stds, STDS, rtol=std_rtol)
+
+
+def test_mixture_statistics_accept_true_samples_and_reject_wrong_ones():
+    """The checker itself: it passes exact draws and fails over-dispersed ones."""
+    rng = np.random.default_rng(0)
+    k = rng.choice(3, NUM_SAMPLES, p=WEIGHTS)
+    exact = MEANS[k] + STDS[k, None] * rng.standard_normal((NUM_SAMPLES, 2))
+    check_mixture(exact, std_rtol=0.1)
+    too_wide = MEANS[k] + 1.3 * STDS[k, None] * rng.standard_normal((NUM_SAMPLES, 2))
+    with pytest.raises(AssertionError):
+        check_mixture(too_wide, std_rtol=0.1)
+
+
+# (sampler, num_steps, spacing, variance). Few-step DDIM uses log-SNR spacing:
+# on time-uniform spacing its first-order error under-disperses this sharp
+# mixture by 10-20% at 50 steps (it converges: see the 1000-step case).
+CASES = [
+    ("ddpm", None, None, "fixed_small"),
+    ("ddpm", None, None, "fixed_large"),
+    ("ddim", 1000, "time", "fixed_small"),
+    ("ddim", 50, "log_snr", "fixed_small"),
+    ("ddim", 100, "log_snr", "fixed_small"),
+    ("dpm_solver++", 20, None, "fixed_small"),
+]
+
+
+@pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
+@pytest.mark.parametrize("sampler,num_steps,spacing,variance", CASES)
+def test_samplers_reproduce_gaussian_mixture(schedule_name, sampler, num_steps, spacing, variance):
+    schedule = dj.make_schedule(schedule_name, 1000)
+    model_fn = optimal_eps_fn(schedule.alphas_cumprod)
+    run = jax.jit(
+        lambda key: dj.sample(
+            model_fn,
+            schedule,
+            (NUM_SAMPLES, 2),
+            key,
+            sampler=sampler,
+            num_steps=num_steps,
+            spacing=spacing,
+            variance=variance,
+            clip_denoised=False,
+        )
+    )
+    x = run(jax.random.PRNGKey(1))
+    check_mixture(x, std_rtol=0.1)
+
+
+def test_respaced_schedule_passed_directly_reproduces_mixture():
+    """A respaced schedule given to sample(): the model must still see original timesteps."""
+    schedule = dj.make_schedule("linear", 1000)
+    spaced = dj.respace(schedule, dj.log_snr_spaced_timesteps(schedule, 250))
+    model_fn = optimal_eps_fn(schedule.alphas_cumprod)
+    x = dj.sample(
+        model_fn, spaced, (NUM_SAMPLES, 2), jax.random.PRNGKey(2), sampler="ddpm", variance="fixed_large",
+        clip_denoised=False,
+    )
+    check_mixture(x, std_rtol=0.1)
+
+
+def test_ddim_eta_one_is_ancestral_sampling_with_posterior_variance():
+    """Song et al. 2021 sec. 4.1: eta = 1 gives sigma_t^2 = tilde-beta_t, i.e. DDPM with fixed_small."""
+    schedule = dj.respace(dj.make_schedule("cosine", 1000), dj.evenly_spaced_timesteps(1000, 100))
+    model_fn = optimal_eps_fn(dj.make_schedule("cosine", 1000).alphas_cumprod)
+    kw = dict(clip_denoised=False)
+    key = jax.random.PRNGKey(3)
+    ddim = dj.sample(model_fn, schedule, (512, 2), key, sampler="ddim", eta=1.0, **kw)
+    ddpm = dj.sample(model_fn, schedule, (512, 2), key, sampler="ddpm", variance="fixed_small", **kw)
+    np.testing.assert_allclose(ddim, ddpm, atol=2e-4)
+
+
+def test_fixed_variances_bracket_the_truth_with_few_steps():
+    """Ho et al. 2020 sec. 3.2: tilde-beta_t and beta_t are the lower and upper extremes.
+
+    With 100 ancestral steps the mixture spreads come out below the truth
+    with fixed_small and above it with fixed_large.
+    """
+    schedule = dj.make_schedule("linear", 1000)
+    spaced = dj.respace(schedule, dj.evenly_spaced_timesteps(1000, 100))
+    model_fn = optimal_eps_fn(schedule.alphas_cumprod)
+    spreads = {}
+    for variance in ("fixed_small", "fixed_large"):
+        x = dj.sample(
+            model_fn, spaced, (NUM_SAMPLES, 2), jax.random.PRNGKey(4), sampler="ddpm", variance=variance,
+            clip_denoised=False,
+        )
+        spreads[variance] = mixture_statistics(np.asarray(x, np.float64))[2]
+    assert np.all(spreads["fixed_small"] < 0.95 * STDS)
+    assert np.all(spreads["fixed_large"] > 1.05 * STDS)
+
+
+def test_x0_and_v_predictors_reproduce_mixture():
+    """The same oracle expressed as x0 and v predictions, converted by hand."""
+    schedule = dj.make_schedule("cosine", 1000)
+    eps_fn = optimal_eps_fn(schedule.alphas_cumprod)
+
+    def x0_fn(x, t):
+        abar = schedule.alphas_cumprod[t][:, None]
+        return (x - jnp.sqrt(1 - abar) * eps_fn(x, t)) / jnp.sqrt(abar)
+
+    def v_fn(x, t):
+        abar = schedule.alphas_cumprod[t][:, None]
+        eps = eps_fn(x, t)
+        x0 = (x - jnp.sqrt(1 - abar) * eps) / jnp.sqrt(abar)
+        return jnp.sqrt(abar) * eps - jnp.sqrt(1 - abar) * x0
+
+    for prediction, fn in [("x0", x0_fn), ("v", v_fn)]:
+        x = dj.sample(
+            fn,
+            schedule,
+            (NUM_SAMPLES, 2),
+            jax.random.PRNGKey(4),
+            sampler="dpm_solver++",
+            num_steps=20,
+            prediction=prediction,
+            clip_denoised=False,
+        )
+        check_mixture(x, std_rtol=0.1)
+
+
+def test_wrong_predictor_fails_the_oracle_check():
+    """A test that can fail: an eps-predictor scaled by 0.8 must not reproduce the mixture."""
+    schedule = dj.make_schedule("linear", 1000)
+    good = optimal_eps_fn(schedule.alphas_cumprod)
+    x = dj.sample(
+        lambda x, t: 0.8 * good(x, t), schedule, (NUM_SAMPLES, 2), jax.random.PRNGKey(5), sampler="ddim",
+        num_steps=50, clip_denoised=False,
+    )
+    with pytest.raises(AssertionError):
+        check_mixture(x, std_rtol=0.1)
