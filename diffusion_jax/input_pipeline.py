@@ -28,7 +28,7 @@ Preparing a TFDS dataset for real runs
 --------------------------------------
 On a machine with internet access and TensorFlow::
 
-    pip install tensorflow tensorflow-datasets
+    pip install tensorflow tensorflow-datasets importlib_resources
     tfds build cifar10 --file_format=array_record --data_dir=$HOME/tensorflow_datasets
 
 then copy ``$HOME/tensorflow_datasets/cifar10`` (the folder holding
@@ -39,6 +39,9 @@ in the default tfrecord format cannot be read here (no random access): rebuild
 it with ``--file_format=array_record``. Reading needs only
 ``tensorflow-datasets`` and ``array-record``. Some datasets (e.g. celeb_a) need
 manual downloads for ``tfds build``; see their TFDS catalog pages.
+(``importlib_resources``: TFDS 4.9.10 imports this backport to locate its
+builders' code but declares it only for Python < 3.9; without it
+``tfds build`` fails with ModuleNotFoundError.)
 
 Determinism and sharding
 ------------------------
@@ -56,7 +59,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
-from typing import Any
 
 from absl import flags
 import grain
@@ -76,73 +78,75 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=8, prefetch_buffer_size=8)
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Which images to read and how to shape them.
+    """Which images to read and how to shape them.
 
-  Attributes:
-    name: a TFDS dataset name ("cifar10", "mnist", "celeb_a", ...), "digits"
-      (sklearn's 8x8 digits, prepared on first use) or "folder".
-    data_dir: TFDS data_dir holding prepared array_record data (None: TFDS's
-      default, $TFDS_DATA_DIR or ~/tensorflow_datasets); for "folder", the
-      image folder (required).
-    image_size: images are center-cropped and resized to image_size^2.
-    random_flip: random horizontal flips of training images.
-    train_split: split read by `create_train_iterator` (TFDS slicing such as
-      "train[:90%]" works for TFDS datasets and digits).
-    eval_split: split read by `create_eval_iterator`.
-  """
+    Attributes:
+        name: a TFDS dataset name ("cifar10", "mnist", "celeb_a", ...), "digits"
+            (sklearn's 8x8 digits, prepared on first use) or "folder".
+        data_dir: TFDS data_dir holding prepared array_record data (None: TFDS's
+            default, $TFDS_DATA_DIR or ~/tensorflow_datasets); for "folder", the
+            image folder (required).
+        image_size: images are center-cropped and resized to image_size^2.
+        random_flip: random horizontal flips of training images.
+        train_split: split read by `create_train_iterator` (TFDS slicing such as
+            "train[:90%]" works for TFDS datasets and digits).
+        eval_split: split read by `create_eval_iterator`.
+    """
 
-  name: str
-  data_dir: str | None = None
-  image_size: int = 32
-  random_flip: bool = False
-  train_split: str = "train"
-  eval_split: str = "test"
+    name: str
+    data_dir: str | None = None
+    image_size: int = 32
+    random_flip: bool = False
+    train_split: str = "train"
+    eval_split: str = "test"
 
-  def __post_init__(self):
-    if not isinstance(self.name, str) or not self.name:
-      raise ValueError(f"DataConfig.name must be a non-empty string, got {self.name!r}.")
-    if self.data_dir is not None and not isinstance(self.data_dir, (str, os.PathLike)):
-      raise TypeError(f"DataConfig.data_dir must be a path or None, got {self.data_dir!r}.")
-    if self.name == FOLDER and not self.data_dir:
-      raise ValueError("DataConfig(name='folder') needs data_dir, the image folder.")
-    if (
-        isinstance(self.image_size, bool)
-        or not isinstance(self.image_size, (int, np.integer))
-        or self.image_size < 1
-    ):
-      raise ValueError(f"DataConfig.image_size must be a positive int, got {self.image_size!r}.")
-    if not isinstance(self.random_flip, (bool, np.bool_)):
-      raise TypeError(f"DataConfig.random_flip must be a bool, got {self.random_flip!r}.")
-    for field in ("train_split", "eval_split"):
-      value = getattr(self, field)
-      if not isinstance(value, str) or not value:
-        raise ValueError(f"DataConfig.{field} must be a non-empty string, got {value!r}.")
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"DataConfig.name must be a non-empty string, got {self.name!r}.")
+        if self.data_dir is not None and not isinstance(self.data_dir, (str, os.PathLike)):
+            raise TypeError(f"DataConfig.data_dir must be a path or None, got {self.data_dir!r}.")
+        if self.name == FOLDER and not self.data_dir:
+            raise ValueError("DataConfig(name='folder') needs data_dir, the image folder.")
+        if (
+            isinstance(self.image_size, bool)
+            or not isinstance(self.image_size, (int, np.integer))
+            or self.image_size < 1
+        ):
+            raise ValueError(
+                f"DataConfig.image_size must be a positive int, got {self.image_size!r}."
+            )
+        if not isinstance(self.random_flip, (bool, np.bool_)):
+            raise TypeError(f"DataConfig.random_flip must be a bool, got {self.random_flip!r}.")
+        for field in ("train_split", "eval_split"):
+            value = getattr(self, field)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"DataConfig.{field} must be a non-empty string, got {value!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-  """What a model and a trainer need to know about the data.
+    """What a model and a trainer need to know about the data.
 
-  Attributes:
-    image_shape: (H, W, C) of one image after resizing.
-    num_classes: number of label classes, or None when unlabelled (label 0).
-    num_train: examples in the train split (all processes together).
-    num_eval: examples in the eval split (all processes together).
-  """
+    Attributes:
+        image_shape: (H, W, C) of one image after resizing.
+        num_classes: number of label classes, or None when unlabelled (label 0).
+        num_train: examples in the train split (all processes together).
+        num_eval: examples in the eval split (all processes together).
+    """
 
-  image_shape: tuple[int, int, int]
-  num_classes: int | None
-  num_train: int
-  num_eval: int
+    image_shape: tuple[int, int, int]
+    num_classes: int | None
+    num_train: int
+    num_eval: int
 
 
 @dataclasses.dataclass(frozen=True)
 class _Split:
-  """A random-access split: `records[i]` is {"image": uint8 [h, w, C], "label": int32}."""
+    """A random-access split: `records[i]` is {"image": uint8 [h, w, C], "label": int32}."""
 
-  records: Sequence[dict[str, np.ndarray]]
-  channels: int
-  num_classes: int | None
+    records: Sequence[dict[str, np.ndarray]]
+    channels: int
+    num_classes: int | None
 
 
 # ---------------------------------------------------------------------------
@@ -151,193 +155,196 @@ class _Split:
 
 
 class _TfdsRecords:
-  """A TFDS data source reduced to validated {"image", "label"} records.
+    """A TFDS data source reduced to validated {"image", "label"} records.
 
-  Only `__len__` and `__getitem__` are used (and picklable for grain workers).
-  Each record is checked so that bad data names the dataset, split and index.
-  """
+    Only `__len__` and `__getitem__` are used (and picklable for grain workers).
+    Each record is checked so that bad data names the dataset, split and index.
+    """
 
-  def __init__(self, source, *, dataset: str, split: str, channels: int, num_classes, has_label: bool):
-    self._source = source
-    self._dataset = dataset
-    self._split = split
-    self._channels = channels
-    self._num_classes = num_classes
-    self._has_label = has_label
-
-  def __len__(self) -> int:
-    return len(self._source)
-
-  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    record = self._source[index]
-    where = f"dataset {self._dataset!r}, split {self._split!r}, example {index}"
-    image = record.get("image") if isinstance(record, dict) else None
-    if (
-        not isinstance(image, np.ndarray)
-        or image.dtype != np.uint8
-        or image.ndim != 3
-        or image.shape[-1] != self._channels
-        or 0 in image.shape
+    def __init__(
+        self, source, *, dataset: str, split: str, channels: int, num_classes, has_label: bool
     ):
-      described = (
-          f"shape {image.shape} dtype {image.dtype}"
-          if isinstance(image, np.ndarray)
-          else repr(type(image))
-      )
-      raise ValueError(
-          f"{where}: image is {described}; expected uint8 [H, W, {self._channels}]."
-      )
-    label = 0
-    if self._has_label:
-      label = np.asarray(record["label"])
-      if label.shape != () or not np.issubdtype(label.dtype, np.integer):
-        raise ValueError(
-            f"{where}: label has shape {label.shape} dtype {label.dtype}; expected an integer scalar."
-        )
-      if self._num_classes is not None and not 0 <= label < self._num_classes:
-        raise ValueError(f"{where}: label {int(label)} outside [0, {self._num_classes}).")
-    return {"image": image, "label": np.int32(label)}
+        self._source = source
+        self._dataset = dataset
+        self._split = split
+        self._channels = channels
+        self._num_classes = num_classes
+        self._has_label = has_label
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        record = self._source[index]
+        where = f"dataset {self._dataset!r}, split {self._split!r}, example {index}"
+        image = record.get("image") if isinstance(record, dict) else None
+        if (
+            not isinstance(image, np.ndarray)
+            or image.dtype != np.uint8
+            or image.ndim != 3
+            or image.shape[-1] != self._channels
+            or 0 in image.shape
+        ):
+            described = (
+                f"shape {image.shape} dtype {image.dtype}"
+                if isinstance(image, np.ndarray)
+                else repr(type(image))
+            )
+            raise ValueError(
+                f"{where}: image is {described}; expected uint8 [H, W, {self._channels}]."
+            )
+        label = 0
+        if self._has_label:
+            label = np.asarray(record["label"])
+            if label.shape != () or not np.issubdtype(label.dtype, np.integer):
+                raise ValueError(
+                    f"{where}: label has shape {label.shape} dtype {label.dtype}; "
+                    "expected an integer scalar."
+                )
+            if self._num_classes is not None and not 0 <= label < self._num_classes:
+                raise ValueError(f"{where}: label {int(label)} outside [0, {self._num_classes}).")
+        return {"image": image, "label": np.int32(label)}
 
 
 class _FolderRecords:
-  """Image files read with PIL as uint8 [h, w, C] (C = 1 for "L", else RGB)."""
+    """Image files read with PIL as uint8 [h, w, C] (C = 1 for "L", else RGB)."""
 
-  def __init__(self, paths: Sequence[str], *, channels: int):
-    self._paths = list(paths)
-    self._channels = channels
+    def __init__(self, paths: Sequence[str], *, channels: int):
+        self._paths = list(paths)
+        self._channels = channels
 
-  def __len__(self) -> int:
-    return len(self._paths)
+    def __len__(self) -> int:
+        return len(self._paths)
 
-  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    path = self._paths[index]
-    try:
-      with PIL.Image.open(path) as image:
-        image = image.convert("L" if self._channels == 1 else "RGB")
-        pixels = np.asarray(image, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad files.
-      raise ValueError(f"folder dataset: cannot read image file {path}: {e}") from e
-    if pixels.ndim == 2:
-      pixels = pixels[:, :, None]
-    return {"image": pixels, "label": np.int32(0)}
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        path = self._paths[index]
+        try:
+            with PIL.Image.open(path) as image:
+                image = image.convert("L" if self._channels == 1 else "RGB")
+                pixels = np.asarray(image, dtype=np.uint8)
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad files.
+            raise ValueError(f"folder dataset: cannot read image file {path}: {e}") from e
+        if pixels.ndim == 2:
+            pixels = pixels[:, :, None]
+        return {"image": pixels, "label": np.int32(0)}
 
 
 def _folder_split(folder: str, split: str) -> _Split:
-  """Lists and header-checks the images of `folder/split`, or of `folder` itself."""
-  root = os.fspath(folder)
-  if not os.path.isdir(root):
-    raise ValueError(f"folder dataset: data_dir {root!r} is not a directory.")
-  split_dir = os.path.join(root, split)
-  directory = split_dir if os.path.isdir(split_dir) else root
-  paths = sorted(
-      os.path.join(directory, f)
-      for f in os.listdir(directory)
-      if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(directory, f))
-  )
-  if not paths:
-    raise ValueError(
-        f"folder dataset: split {split!r} is empty: no image files "
-        f"({', '.join(IMAGE_EXTENSIONS)}) in {directory}."
+    """Lists and header-checks the images of `folder/split`, or of `folder` itself."""
+    root = os.fspath(folder)
+    if not os.path.isdir(root):
+        raise ValueError(f"folder dataset: data_dir {root!r} is not a directory.")
+    split_dir = os.path.join(root, split)
+    directory = split_dir if os.path.isdir(split_dir) else root
+    paths = sorted(
+        os.path.join(directory, f)
+        for f in os.listdir(directory)
+        if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(directory, f))
     )
-  # Opening a file with PIL reads only its header: cheap, and it finds
-  # non-image files now instead of mid-training.
-  modes = set()
-  for path in paths:
-    try:
-      with PIL.Image.open(path) as image:
-        modes.add(image.mode)
-    except (OSError, ValueError, SyntaxError) as e:
-      raise ValueError(f"folder dataset: cannot read image file {path}: {e}") from e
-  channels = 1 if modes <= set(_GRAYSCALE_MODES) else 3
-  return _Split(_FolderRecords(paths, channels=channels), channels, None)
+    if not paths:
+        raise ValueError(
+            f"folder dataset: split {split!r} is empty: no image files "
+            f"({', '.join(IMAGE_EXTENSIONS)}) in {directory}."
+        )
+    # Opening a file with PIL reads only its header: cheap, and it finds
+    # non-image files now instead of mid-training.
+    modes = set()
+    for path in paths:
+        try:
+            with PIL.Image.open(path) as image:
+                modes.add(image.mode)
+        except (OSError, ValueError, SyntaxError) as e:
+            raise ValueError(f"folder dataset: cannot read image file {path}: {e}") from e
+    channels = 1 if modes <= set(_GRAYSCALE_MODES) else 3
+    return _Split(_FolderRecords(paths, channels=channels), channels, None)
 
 
 def _not_prepared_message(name: str, data_dir: str | None, builder) -> str:
-  where = data_dir if data_dir else "the default data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
-  return (
-      f"TFDS dataset {name!r} is not prepared in {where} (looked for "
-      f"{builder.data_dir}). This pipeline reads prepared array_record files and "
-      "never downloads. Prepare it on a machine with internet access and TensorFlow:\n"
-      "  pip install tensorflow tensorflow-datasets\n"
-      f"  tfds build {name} --file_format=array_record --data_dir=/tmp/tfds\n"
-      f"then copy /tmp/tfds/{name.split(':')[0].split('/')[0]} into the data_dir "
-      "(or point DataConfig.data_dir at /tmp/tfds)."
-  )
+    where = (
+        data_dir if data_dir else "the default data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
+    )
+    return (
+        f"TFDS dataset {name!r} is not prepared in {where} (looked for "
+        f"{builder.data_dir}). This pipeline reads prepared array_record files and "
+        "never downloads. Prepare it on a machine with internet access and TensorFlow:\n"
+        "  pip install tensorflow tensorflow-datasets importlib_resources\n"
+        f"  tfds build {name} --file_format=array_record --data_dir=/tmp/tfds\n"
+        f"then copy /tmp/tfds/{name.split(':')[0].split('/')[0]} into the data_dir "
+        "(or point DataConfig.data_dir at /tmp/tfds)."
+    )
 
 
 def _builder_split(builder, *, name: str, data_dir: str | None, split: str) -> _Split:
-  """Opens one split of a TFDS builder as validated random-access records."""
-  try:
-    source = builder.as_data_source(split=split)
-  except (NotImplementedError, ValueError, KeyError, OSError) as e:
-    if not builder.is_prepared():
-      raise ValueError(_not_prepared_message(name, data_dir, builder)) from e
-    formats = {f.value for f in builder.info.available_file_formats()}
-    if "array_record" not in formats:
-      raise ValueError(
-          f"TFDS dataset {name!r} in {builder.data_dir} is prepared as {sorted(formats)}, "
-          "which has no random access. Rebuild it with "
-          f"`tfds build {name} --file_format=array_record`."
-      ) from e
-    raise ValueError(
-        f"Cannot open split {split!r} of TFDS dataset {name!r} in {builder.data_dir}: {e}"
-    ) from e
-  features = builder.info.features
-  if "image" not in features:
-    raise ValueError(
-        f"TFDS dataset {name!r} has no 'image' feature (features: {sorted(features)})."
+    """Opens one split of a TFDS builder as validated random-access records."""
+    try:
+        source = builder.as_data_source(split=split)
+    except (NotImplementedError, ValueError, KeyError, OSError) as e:
+        if not builder.is_prepared():
+            raise ValueError(_not_prepared_message(name, data_dir, builder)) from e
+        formats = {f.value for f in builder.info.available_file_formats()}
+        if "array_record" not in formats:
+            raise ValueError(
+                f"TFDS dataset {name!r} in {builder.data_dir} is prepared as {sorted(formats)}, "
+                "which has no random access. Rebuild it with "
+                f"`tfds build {name} --file_format=array_record`."
+            ) from e
+        raise ValueError(
+            f"Cannot open split {split!r} of TFDS dataset {name!r} in {builder.data_dir}: {e}"
+        ) from e
+    features = builder.info.features
+    if "image" not in features:
+        raise ValueError(
+            f"TFDS dataset {name!r} has no 'image' feature (features: {sorted(features)})."
+        )
+    if len(source) == 0:
+        raise ValueError(f"TFDS dataset {name!r}: split {split!r} in {builder.data_dir} is empty.")
+    label_feature = features["label"] if "label" in features else None
+    num_classes = (
+        label_feature.num_classes if isinstance(label_feature, tfds.features.ClassLabel) else None
     )
-  if len(source) == 0:
-    raise ValueError(f"TFDS dataset {name!r}: split {split!r} in {builder.data_dir} is empty.")
-  label_feature = features["label"] if "label" in features else None
-  num_classes = (
-      label_feature.num_classes
-      if isinstance(label_feature, tfds.features.ClassLabel)
-      else None
-  )
-  channels = features["image"].shape[-1]
-  if channels is None:  # e.g. Image(shape=(None, None, None)): ask the data.
-    channels = np.asarray(source[0]["image"]).shape[-1]
-  if channels not in (1, 3):
-    raise ValueError(
-        f"TFDS dataset {name!r}: images have {channels} channels; only 1 or 3 are supported."
+    channels = features["image"].shape[-1]
+    if channels is None:  # e.g. Image(shape=(None, None, None)): ask the data.
+        channels = np.asarray(source[0]["image"]).shape[-1]
+    if channels not in (1, 3):
+        raise ValueError(
+            f"TFDS dataset {name!r}: images have {channels} channels; only 1 or 3 are supported."
+        )
+    records = _TfdsRecords(
+        source,
+        dataset=name,
+        split=split,
+        channels=channels,
+        num_classes=num_classes,
+        has_label=label_feature is not None,
     )
-  records = _TfdsRecords(
-      source,
-      dataset=name,
-      split=split,
-      channels=channels,
-      num_classes=num_classes,
-      has_label=label_feature is not None,
-  )
-  return _Split(records, channels, num_classes)
+    return _Split(records, channels, num_classes)
 
 
 def _prepared_digits_builder(data_dir: str | None) -> digits_lib.Digits:
-  """The digits builder, prepared into data_dir first if needed (offline, ~1 s)."""
-  builder = digits_lib.Digits(data_dir=data_dir, file_format="array_record")
-  if not builder.is_prepared():
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-    )
-  return builder
+    """The digits builder, prepared into data_dir first if needed (offline, ~1 s)."""
+    builder = digits_lib.Digits(data_dir=data_dir, file_format="array_record")
+    if not builder.is_prepared():
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+        )
+    return builder
 
 
 def _open_split(config: DataConfig, split: str) -> _Split:
-  """Returns the validated random-access records of one split of `config`."""
-  if config.name == FOLDER:
-    return _folder_split(config.data_dir, split)
-  if config.name == DIGITS:
-    builder = _prepared_digits_builder(config.data_dir)
-  else:
-    try:
-      builder = tfds.builder(config.name, data_dir=config.data_dir)
-    except tfds.core.registered.DatasetNotFoundError as e:
-      raise ValueError(
-          f"Unknown dataset {config.name!r}: not 'digits', not 'folder', not a TFDS "
-          f"dataset name, and not prepared in data_dir {config.data_dir!r}."
-      ) from e
-  return _builder_split(builder, name=config.name, data_dir=config.data_dir, split=split)
+    """Returns the validated random-access records of one split of `config`."""
+    if config.name == FOLDER:
+        return _folder_split(config.data_dir, split)
+    if config.name == DIGITS:
+        builder = _prepared_digits_builder(config.data_dir)
+    else:
+        try:
+            builder = tfds.builder(config.name, data_dir=config.data_dir)
+        except tfds.core.registered.DatasetNotFoundError as e:
+            raise ValueError(
+                f"Unknown dataset {config.name!r}: not 'digits', not 'folder', not a TFDS "
+                f"dataset name, and not prepared in data_dir {config.data_dir!r}."
+            ) from e
+    return _builder_split(builder, name=config.name, data_dir=config.data_dir, split=split)
 
 
 # ---------------------------------------------------------------------------
@@ -346,60 +353,60 @@ def _open_split(config: DataConfig, split: str) -> _Split:
 
 
 def _center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
-  """Returns uint8 [size, size, C]: the central square of `image`, resized bilinearly.
+    """Returns uint8 [size, size, C]: the central square of `image`, resized bilinearly.
 
-  Args:
-    image: uint8 [h, w, C] with C in {1, 3}.
-    size: output side length.
-  """
-  height, width = image.shape[:2]
-  side = min(height, width)
-  top, left = (height - side) // 2, (width - side) // 2
-  square = image[top : top + side, left : left + side]
-  if side == size:
-    return square
-  pil = PIL.Image.fromarray(square[:, :, 0] if square.shape[-1] == 1 else square)
-  resized = np.asarray(pil.resize((size, size), resample=PIL.Image.Resampling.BILINEAR))
-  return resized.reshape(size, size, square.shape[-1])
+    Args:
+        image: uint8 [h, w, C] with C in {1, 3}.
+        size: output side length.
+    """
+    height, width = image.shape[:2]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    square = image[top : top + side, left : left + side]
+    if side == size:
+        return square
+    pil = PIL.Image.fromarray(square[:, :, 0] if square.shape[-1] == 1 else square)
+    resized = np.asarray(pil.resize((size, size), resample=PIL.Image.Resampling.BILINEAR))
+    return resized.reshape(size, size, square.shape[-1])
 
 
 class _ToModelInput(grain.transforms.Map):
-  """{"image": uint8 [h, w, C]} -> {"image": float32 [S, S, C] in [-1, 1], "label": int32}."""
+    """{"image": uint8 [h, w, C]} -> {"image": float32 [S, S, C] in [-1, 1], "label": int32}."""
 
-  def __init__(self, image_size: int):
-    self._image_size = image_size
+    def __init__(self, image_size: int):
+        self._image_size = image_size
 
-  def map(self, element):
-    image = _center_crop_resize(element["image"], self._image_size)
-    return {
-        "image": image.astype(np.float32) / np.float32(127.5) - np.float32(1.0),
-        "label": np.int32(element["label"]),
-    }
+    def map(self, element):
+        image = _center_crop_resize(element["image"], self._image_size)
+        return {
+            "image": image.astype(np.float32) / np.float32(127.5) - np.float32(1.0),
+            "label": np.int32(element["label"]),
+        }
 
 
 def _random_horizontal_flip(element, rng: np.random.Generator):
-  """Mirrors the image left-right with probability 1/2 (grain's per-index rng)."""
-  if rng.random() < 0.5:
-    element = dict(element, image=np.ascontiguousarray(element["image"][:, ::-1, :]))
-  return element
+    """Mirrors the image left-right with probability 1/2 (grain's per-index rng)."""
+    if rng.random() < 0.5:
+        element = dict(element, image=np.ascontiguousarray(element["image"][:, ::-1, :]))
+    return element
 
 
 class _PaddedExample(grain.transforms.Map):
-  """Index i -> example i of `shard` with mask 1, or a zero example with mask 0."""
+    """Index i -> example i of `shard` with mask 1, or a zero example with mask 0."""
 
-  def __init__(self, shard: grain.MapDataset, example_shape: tuple[int, int, int]):
-    self._shard = shard
-    self._length = len(shard)
-    self._example_shape = example_shape
+    def __init__(self, shard: grain.MapDataset, example_shape: tuple[int, int, int]):
+        self._shard = shard
+        self._length = len(shard)
+        self._example_shape = example_shape
 
-  def map(self, element):
-    if element < self._length:
-      return dict(self._shard[element], mask=np.float32(1.0))
-    return {
-        "image": np.zeros(self._example_shape, np.float32),
-        "label": np.int32(0),
-        "mask": np.float32(0.0),
-    }
+    def map(self, element):
+        if element < self._length:
+            return dict(self._shard[element], mask=np.float32(1.0))
+        return {
+            "image": np.zeros(self._example_shape, np.float32),
+            "label": np.int32(0),
+            "mask": np.float32(0.0),
+        }
 
 
 # ---------------------------------------------------------------------------
@@ -408,38 +415,38 @@ class _PaddedExample(grain.transforms.Map):
 
 
 def _check_positive_int(name: str, value) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}.")
 
 
 def _check_processes(process_index, process_count) -> None:
-  _check_positive_int("process_count", process_count)
-  if (
-      isinstance(process_index, bool)
-      or not isinstance(process_index, (int, np.integer))
-      or not 0 <= process_index < process_count
-  ):
-    raise ValueError(
-        f"process_index must be an int in [0, {process_count}), got {process_index!r}."
-    )
+    _check_positive_int("process_count", process_count)
+    if (
+        isinstance(process_index, bool)
+        or not isinstance(process_index, (int, np.integer))
+        or not 0 <= process_index < process_count
+    ):
+        raise ValueError(
+            f"process_index must be an int in [0, {process_count}), got {process_index!r}."
+        )
 
 
 def dataset_info(config: DataConfig) -> DatasetInfo:
-  """Returns image shape after resizing, number of classes and split sizes."""
-  train = _open_split(config, config.train_split)
-  evaluation = _open_split(config, config.eval_split)
-  if train.channels != evaluation.channels:
-    raise ValueError(
-        f"dataset {config.name!r}: train split {config.train_split!r} has "
-        f"{train.channels} channels but eval split {config.eval_split!r} has "
-        f"{evaluation.channels}."
+    """Returns image shape after resizing, number of classes and split sizes."""
+    train = _open_split(config, config.train_split)
+    evaluation = _open_split(config, config.eval_split)
+    if train.channels != evaluation.channels:
+        raise ValueError(
+            f"dataset {config.name!r}: train split {config.train_split!r} has "
+            f"{train.channels} channels but eval split {config.eval_split!r} has "
+            f"{evaluation.channels}."
+        )
+    return DatasetInfo(
+        image_shape=(config.image_size, config.image_size, train.channels),
+        num_classes=train.num_classes,
+        num_train=len(train.records),
+        num_eval=len(evaluation.records),
     )
-  return DatasetInfo(
-      image_shape=(config.image_size, config.image_size, train.channels),
-      num_classes=train.num_classes,
-      num_train=len(train.records),
-      num_eval=len(evaluation.records),
-  )
 
 
 def create_train_iterator(
@@ -451,66 +458,73 @@ def create_train_iterator(
     process_count: int = 1,
     worker_count: int = 0,
 ) -> grain.DatasetIterator:
-  """Returns an endless, checkpointable iterator over this process's training batches.
+    """Returns an endless, checkpointable iterator over this process's training batches.
 
-  Each `next()` gives {"image": float32 [b, S, S, C] in [-1, 1], "label": int32
-  [b]} with b = global_batch_size // process_count. The process's shard
-  (examples process_index, process_index + process_count, ...) is reshuffled
-  every epoch; with `config.random_flip` each image is mirrored with
-  probability 1/2, decided by (seed, process_index, position in the stream).
-  The iterator's `get_state()`/`set_state()` (or grain's Orbax
-  `CheckpointHandler`) save and restore the position exactly.
+    Each `next()` gives {"image": float32 [b, S, S, C] in [-1, 1], "label": int32
+    [b]} with b = global_batch_size // process_count. The process's shard
+    (examples process_index, process_index + process_count, ...) is reshuffled
+    every epoch; with `config.random_flip` each image is mirrored with
+    probability 1/2, decided by (seed, process_index, position in the stream).
+    The iterator's `get_state()`/`set_state()` (or grain's Orbax
+    `CheckpointHandler`) save and restore the position exactly.
 
-  Args:
-    config: the data to read.
-    global_batch_size: batch size summed over processes; divisible by
-      process_count.
-    seed: non-negative int; the same seed gives the same batches.
-    process_index: this process, in [0, process_count).
-    process_count: number of processes reading disjoint shards.
-    worker_count: grain worker processes (0: threads in this process only;
-      PNG decoding holds the GIL, so real runs want a few). The batches do
-      not depend on it, but a saved iterator state only restores into an
-      iterator with the same worker_count.
-  """
-  _check_processes(process_index, process_count)
-  _check_positive_int("global_batch_size", global_batch_size)
-  if global_batch_size % process_count:
-    raise ValueError(
-        f"global_batch_size {global_batch_size} is not divisible by process_count {process_count}."
-    )
-  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-    raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
-  if isinstance(worker_count, bool) or not isinstance(worker_count, (int, np.integer)) or worker_count < 0:
-    raise ValueError(f"worker_count must be a non-negative int, got {worker_count!r}.")
+    Args:
+        config: the data to read.
+        global_batch_size: batch size summed over processes; divisible by
+            process_count.
+        seed: non-negative int; the same seed gives the same batches.
+        process_index: this process, in [0, process_count).
+        process_count: number of processes reading disjoint shards.
+        worker_count: grain worker processes (0: threads in this process only;
+            PNG decoding holds the GIL, so real runs want a few). The batches do
+            not depend on it, but a saved iterator state only restores into an
+            iterator with the same worker_count.
+    """
+    _check_processes(process_index, process_count)
+    _check_positive_int("global_batch_size", global_batch_size)
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} is not divisible by "
+            f"process_count {process_count}."
+        )
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
+    if (
+        isinstance(worker_count, bool)
+        or not isinstance(worker_count, (int, np.integer))
+        or worker_count < 0
+    ):
+        raise ValueError(f"worker_count must be a non-negative int, got {worker_count!r}.")
 
-  split = _open_split(config, config.train_split)
-  shard = grain.MapDataset.source(split.records)[process_index::process_count]
-  if len(shard) == 0:
-    raise ValueError(
-        f"dataset {config.name!r} split {config.train_split!r} has {len(split.records)} "
-        f"examples, too few for process {process_index} of {process_count} to get any."
-    )
-  shuffle_seed, flip_seed = np.random.SeedSequence([int(seed), int(process_index)]).generate_state(2)
-  # Shuffle before repeat: grain reseeds the shuffle with seed + epoch, so each
-  # epoch is a fresh permutation of the shard.
-  dataset = shard.shuffle(seed=int(shuffle_seed)).repeat()
-  dataset = dataset.map(_ToModelInput(config.image_size))
-  if config.random_flip:
-    dataset = dataset.random_map(_random_horizontal_flip, seed=int(flip_seed))
-  # Batching the MapDataset (not the IterDataset) makes a batch the unit of
-  # work: prefetch threads and worker processes each build whole batches, and
-  # worker w builds batches w, w + W, ..., so the stream is the same for every
-  # worker_count.
-  dataset = dataset.batch(global_batch_size // process_count, drop_remainder=True)
-  batches = dataset.to_iter_dataset(_READ_OPTIONS)
-  if worker_count:
-    # grain's worker processes read absl flags; outside an absl.app program
-    # (tests, notebooks) nothing has parsed them yet, so take the defaults.
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(worker_count)))
-  return iter(batches)
+    split = _open_split(config, config.train_split)
+    shard = grain.MapDataset.source(split.records)[process_index::process_count]
+    if len(shard) == 0:
+        raise ValueError(
+            f"dataset {config.name!r} split {config.train_split!r} has {len(split.records)} "
+            f"examples, too few for process {process_index} of {process_count} to get any."
+        )
+    shuffle_seed, flip_seed = np.random.SeedSequence(
+        [int(seed), int(process_index)]
+    ).generate_state(2)
+    # Shuffle before repeat: grain reseeds the shuffle with seed + epoch, so each
+    # epoch is a fresh permutation of the shard.
+    dataset = shard.shuffle(seed=int(shuffle_seed)).repeat()
+    dataset = dataset.map(_ToModelInput(config.image_size))
+    if config.random_flip:
+        dataset = dataset.random_map(_random_horizontal_flip, seed=int(flip_seed))
+    # Batching the MapDataset (not the IterDataset) makes a batch the unit of
+    # work: prefetch threads and worker processes each build whole batches, and
+    # worker w builds batches w, w + W, ..., so the stream is the same for every
+    # worker_count.
+    dataset = dataset.batch(global_batch_size // process_count, drop_remainder=True)
+    batches = dataset.to_iter_dataset(_READ_OPTIONS)
+    if worker_count:
+        # grain's worker processes read absl flags; outside an absl.app program
+        # (tests, notebooks) nothing has parsed them yet, so take the defaults.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(worker_count)))
+    return iter(batches)
 
 
 def create_eval_iterator(
@@ -520,30 +534,30 @@ def create_eval_iterator(
     process_index: int = 0,
     process_count: int = 1,
 ) -> grain.DatasetIterator:
-  """Returns one ordered pass over this process's shard of the eval split.
+    """Returns one ordered pass over this process's shard of the eval split.
 
-  Batches are {"image": float32 [b, S, S, C], "label": int32 [b], "mask":
-  float32 [b]} with b = batch_size always: the shard is padded with zero
-  images of mask 0 up to ceil(ceil(N / process_count) / b) batches, the same
-  count on every process (so collective ops in a jitted eval step line up).
-  Summed over processes, the mask-1 examples are the split, each exactly once.
+    Batches are {"image": float32 [b, S, S, C], "label": int32 [b], "mask":
+    float32 [b]} with b = batch_size always: the shard is padded with zero
+    images of mask 0 up to ceil(ceil(N / process_count) / b) batches, the same
+    count on every process (so collective ops in a jitted eval step line up).
+    Summed over processes, the mask-1 examples are the split, each exactly once.
 
-  Args:
-    config: the data to read (config.eval_split).
-    batch_size: per-process batch size.
-    process_index: this process, in [0, process_count).
-    process_count: number of processes reading disjoint shards.
-  """
-  _check_processes(process_index, process_count)
-  _check_positive_int("batch_size", batch_size)
-  split = _open_split(config, config.eval_split)
-  num_examples = len(split.records)
-  per_process = -(-num_examples // process_count)
-  num_batches = -(-per_process // batch_size)
-  shard = grain.MapDataset.source(split.records)[process_index::process_count]
-  shard = shard.map(_ToModelInput(config.image_size))
-  example_shape = (config.image_size, config.image_size, split.channels)
-  dataset = grain.MapDataset.range(num_batches * batch_size).map(
-      _PaddedExample(shard, example_shape)
-  )
-  return iter(dataset.batch(batch_size).to_iter_dataset(_READ_OPTIONS))
+    Args:
+        config: the data to read (config.eval_split).
+        batch_size: per-process batch size.
+        process_index: this process, in [0, process_count).
+        process_count: number of processes reading disjoint shards.
+    """
+    _check_processes(process_index, process_count)
+    _check_positive_int("batch_size", batch_size)
+    split = _open_split(config, config.eval_split)
+    num_examples = len(split.records)
+    per_process = -(-num_examples // process_count)
+    num_batches = -(-per_process // batch_size)
+    shard = grain.MapDataset.source(split.records)[process_index::process_count]
+    shard = shard.map(_ToModelInput(config.image_size))
+    example_shape = (config.image_size, config.image_size, split.channels)
+    dataset = grain.MapDataset.range(num_batches * batch_size).map(
+        _PaddedExample(shard, example_shape)
+    )
+    return iter(dataset.batch(batch_size).to_iter_dataset(_READ_OPTIONS))
