@@ -32,12 +32,11 @@ process has finished writing. A process killed mid-save leaves only the tmp
 folder, which is not a step, so the previous step stays the latest.
 
 Orbax does not notice every kind of damage to a finalized step: a flipped byte
-inside a compressed zarr chunk restores silently to wrong values, and its
-per-process OCDBT files are never read back at all. So, just before Orbax's
+inside a compressed zarr chunk restores silently to wrong values, and some
+files (per-process OCDBT manifests) are never read back. So, just before Orbax's
 atomic rename, the primary process records the size and sha256 of every file
-of the step in ``checksums.json`` (through ``AsyncOptions.post_finalization_
-callback``, which runs on the primary host after all writes and before the
-commit). ``restore`` checks those first: a step whose files are missing,
+of the step in ``checksums.json`` (Orbax's ``post_finalization_callback``
+runs on the primary host after all writes and before the commit). ``restore`` checks those first: a step whose files are missing,
 truncated or altered, or whose ``checksums.json`` is missing, is reported with
 ``logging.warning`` naming the folder and the problem, moved aside to
 ``<step>.corrupt-<n>``, and the next older step is tried. A step whose files
@@ -52,6 +51,7 @@ the checkpoint.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import operator
@@ -76,541 +76,511 @@ _STATE, _DATA, _CONFIG = "state", "data", "config"
 _UNCHECKED_FILENAMES = frozenset({"_CHECKPOINT_METADATA", "commit_success.txt"})
 _TMP_SUFFIX = ocp.path.atomicity_types.TMP_DIR_SUFFIX
 _HASH_CHUNK_BYTES = 1 << 22
+_BARRIER_IDS = itertools.count()
 
 
 class CheckpointNotFoundError(FileNotFoundError):
-  """No checkpoint that verifies exists in the directory (or at the step asked)."""
+    """No checkpoint that verifies exists in the directory (or at the step asked)."""
 
 
 class Checkpointer:
-  """Saves and restores training checkpoints, one folder per step.
+    """Saves and restores training checkpoints, one folder per step.
 
-  Use one instance per training job, created and called on every process (the
-  Orbax manager coordinates the processes; the primary one commits). Not
-  thread-safe.
+    Use one instance per training job, created and called on every process (the
+    Orbax manager coordinates the processes; the primary one commits). Not
+    thread-safe.
 
-  Example::
+    Example::
 
-    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=3,
-                        save_interval_steps=1000)
-    if ckpt.latest_step() is not None:
-      state = ckpt.restore(state, data_iterator=train_iter)
-    for step in range(int(state.step) + 1, num_steps + 1):
-      state = train_step(state, next(train_iter))
-      ckpt.save(step, state, data_iterator=train_iter)
-    ckpt.close()
+        ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=3, save_interval_steps=1000)
+        if ckpt.latest_step() is not None:
+            state = ckpt.restore(state, data_iterator=train_iter)
+        for step in range(int(state.step) + 1, num_steps + 1):
+            state = train_step(state, next(train_iter))
+            ckpt.save(step, state, data_iterator=train_iter)
+        ckpt.close()
 
-  Save semantics: ``save(step, ...)`` writes a checkpoint when ``force`` is
-  true or ``step % save_interval_steps == 0`` (or when JAX reports a
-  preemption sync point), and ``step`` is newer than every step already in the
-  directory. An existing step is never overwritten. Writing happens in the
-  background (``async_save=True``); the state is copied to host memory before
-  ``save`` returns, so the caller may donate or change it afterwards. The data
-  iterator's position is read synchronously in ``save``.
+    Save semantics: ``save(step, ...)`` writes a checkpoint when ``force`` is
+    true or ``step % save_interval_steps == 0`` (or when JAX reports a
+    preemption sync point), and ``step`` is newer than every step already in the
+    directory. An existing step is never overwritten. Writing happens in the
+    background (``async_save=True``); the state is copied to host memory before
+    ``save`` returns, so the caller may donate or change it afterwards. The data
+    iterator's position is read synchronously in ``save``.
 
-  Restore semantics: see ``restore``.
-  """
-
-  def __init__(
-      self,
-      directory: os.PathLike | str,
-      *,
-      max_to_keep: int | None = 3,
-      save_interval_steps: int = 1,
-      async_save: bool = True,
-      config: Mapping[str, Any] | None = None,
-      read_only: bool = False,
-  ):
-    """Opens (and unless ``read_only`` creates) a checkpoint directory.
-
-    Args:
-      directory: folder holding one sub-folder per step (local or any path
-        ``etils.epath`` understands, e.g. ``gs://``).
-      max_to_keep: keep the newest ``max_to_keep`` steps and delete older ones
-        after each save; None keeps all.
-      save_interval_steps: ``save`` writes only steps divisible by this (unless
-        forced).
-      async_save: write in a background thread; ``save`` then returns once the
-        arrays are on the host.
-      config: the run's config; if given, every step stores it as JSON.
-      read_only: never write, delete, clean up or move anything (e.g. an
-        evaluator reading a directory that a trainer is writing).
+    Restore semantics: see ``restore``.
     """
-    if max_to_keep is not None and (
-        isinstance(max_to_keep, bool)
-        or not isinstance(max_to_keep, int)
-        or max_to_keep < 1
+
+    def __init__(
+        self,
+        directory: os.PathLike | str,
+        *,
+        max_to_keep: int | None = 3,
+        save_interval_steps: int = 1,
+        async_save: bool = True,
+        config: Mapping[str, Any] | None = None,
+        read_only: bool = False,
     ):
-      raise ValueError(
-          f"max_to_keep must be a positive int or None, got {max_to_keep!r}."
-      )
-    if (
-        isinstance(save_interval_steps, bool)
-        or not isinstance(save_interval_steps, int)
-        or save_interval_steps < 1
-    ):
-      raise ValueError(
-          "save_interval_steps must be a positive int, got"
-          f" {save_interval_steps!r}."
-      )
-    self._config = None if config is None else _config_as_json_dict(config)
-    self._directory = epath.Path(_absolute(directory))
-    self._save_interval_steps = save_interval_steps
-    self._async_save = async_save
-    self._read_only = read_only
-    self._pending_step: int | None = None
+        """Opens (and unless ``read_only`` creates) a checkpoint directory.
 
-    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-    for name, handler, save_args, restore_args in (
-        (_STATE, ocp.StandardCheckpointHandler, ocp.args.StandardSave,
-         ocp.args.StandardRestore),
-        (_DATA, grain.checkpoint.CheckpointHandler,
-         grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointRestore),
-        (_CONFIG, ocp.JsonCheckpointHandler, ocp.args.JsonSave,
-         ocp.args.JsonRestore),
-    ):
-      registry.add(name, save_args, handler)
-      registry.add(name, restore_args, handler)
-    policies = ocp.checkpoint_managers
-    options = ocp.CheckpointManagerOptions(
-        save_decision_policy=policies.AnySavePolicy([
-            policies.FixedIntervalPolicy(save_interval_steps),
-            policies.PreemptionCheckpointingPolicy(),
-        ]),
-        preservation_policy=policies.LatestN(max_to_keep),
-        create=not read_only,
-        read_only=read_only,
-        cleanup_tmp_directories=not read_only,
-        # Always the async checkpointer: its post-finalization hook is where
-        # the checksums are written. async_save=False just waits after saving.
-        enable_async_checkpointing=True,
-        async_options=ocp.AsyncOptions(
-            post_finalization_callback=self._write_checksums_before_commit
-        ),
-    )
-    self._manager = ocp.CheckpointManager(
-        self._directory, options=options, handler_registry=registry
-    )
+        Args:
+          directory: folder holding one sub-folder per step (local or any path
+            ``etils.epath`` understands, e.g. ``gs://``).
+          max_to_keep: keep the newest ``max_to_keep`` steps and delete older ones
+            after each save; None keeps all.
+          save_interval_steps: ``save`` writes only steps divisible by this (unless
+            forced).
+          async_save: write in a background thread; ``save`` then returns once the
+            arrays are on the host.
+          config: the run's config; if given, every step stores it as JSON.
+          read_only: never write, delete, clean up or move anything (e.g. an
+            evaluator reading a directory that a trainer is writing).
+        """
+        if max_to_keep is not None and (
+            isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1
+        ):
+            raise ValueError(f"max_to_keep must be a positive int or None, got {max_to_keep!r}.")
+        if isinstance(save_interval_steps, bool) or not isinstance(save_interval_steps, int) or save_interval_steps < 1:
+            raise ValueError(f"save_interval_steps must be a positive int, got {save_interval_steps!r}.")
+        self._config = None if config is None else _config_as_json_dict(config)
+        self._directory = epath.Path(_absolute(directory))
+        self._save_interval_steps = save_interval_steps
+        self._async_save = async_save
+        self._read_only = read_only
+        self._pending_step: int | None = None
 
-  @property
-  def directory(self) -> epath.Path:
-    return self._directory
-
-  def latest_step(self) -> int | None:
-    """Newest finalized step in the directory (or being saved), else None.
-
-    This lists folders only; the step's files are verified by ``restore``.
-    """
-    return self._manager.latest_step()
-
-  def all_steps(self) -> list[int]:
-    """All finalized steps in the directory, oldest first."""
-    return sorted(self._manager.all_steps())
-
-  def save(
-      self,
-      step: int,
-      state: Any,
-      *,
-      data_iterator: Any = None,
-      force: bool = False,
-  ) -> bool:
-    """Starts saving ``state`` (and the iterator's position) as ``step``.
-
-    Args:
-      step: the training step this state is the result of (>= 0).
-      state: the TrainState pytree (jax arrays, numpy arrays or scalars).
-      data_iterator: a grain iterator (``get_state``/``set_state``) whose
-        position is saved with the state, per process.
-      force: save even if ``step`` is not a multiple of
-        ``save_interval_steps``.
-
-    Returns:
-      True if a save was started, False if skipped (not a save step, or a step
-      at or before the newest one in the directory; the latter is logged).
-    """
-    if self._read_only:
-      raise ValueError(
-          f"Checkpointer for {self._directory} is read-only; cannot save."
-      )
-    step = _as_step(step)
-    _check_iterator(data_iterator)
-    latest = self._manager.latest_step()
-    if latest is not None and step <= latest:
-      if force or step % self._save_interval_steps == 0:
-        logger.warning(
-            "Not saving step %d to %s: step %d already exists there and"
-            " checkpoints are never overwritten.",
-            step, self._directory, latest,
+        registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        for name, handler, save_args, restore_args in (
+            (_STATE, ocp.StandardCheckpointHandler, ocp.args.StandardSave, ocp.args.StandardRestore),
+            (
+                _DATA,
+                grain.checkpoint.CheckpointHandler,
+                grain.checkpoint.CheckpointSave,
+                grain.checkpoint.CheckpointRestore,
+            ),
+            (_CONFIG, ocp.JsonCheckpointHandler, ocp.args.JsonSave, ocp.args.JsonRestore),
+        ):
+            registry.add(name, save_args, handler)
+            registry.add(name, restore_args, handler)
+        policies = ocp.checkpoint_managers
+        options = ocp.CheckpointManagerOptions(
+            save_decision_policy=policies.AnySavePolicy(
+                [
+                    policies.FixedIntervalPolicy(save_interval_steps),
+                    policies.PreemptionCheckpointingPolicy(),
+                ]
+            ),
+            preservation_policy=policies.LatestN(max_to_keep),
+            create=not read_only,
+            read_only=read_only,
+            cleanup_tmp_directories=not read_only,
+            # Always the async checkpointer: its post-finalization hook is where
+            # the checksums are written. async_save=False just waits after saving.
+            enable_async_checkpointing=True,
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._write_checksums_before_commit),
         )
-      return False
-    if not force and not self._manager.should_save(step):
-      return False
-    # The checksum hook reads `_pending_step` from Orbax's background thread;
-    # the previous save must be finished before it changes.
-    self._manager.wait_until_finished()
-    self._pending_step = step
-    items = {_STATE: ocp.args.StandardSave(state)}
-    if data_iterator is not None:
-      items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
-    if self._config is not None:
-      items[_CONFIG] = ocp.args.JsonSave(self._config)
-    saved = self._manager.save(
-        step, args=ocp.args.Composite(**items), force=True
-    )
-    if not self._async_save:
-      self._manager.wait_until_finished()
-    return saved
+        self._manager = ocp.CheckpointManager(self._directory, options=options, handler_registry=registry)
 
-  def restore(
-      self,
-      state_template: Any,
-      *,
-      data_iterator: Any = None,
-      step: int | None = None,
-  ) -> Any:
-    """Restores a step into the structure of ``state_template``.
+    @property
+    def directory(self) -> epath.Path:
+        return self._directory
 
-    Steps are tried newest first (or only ``step`` when given). Each is first
-    verified against its ``checksums.json``: a step with a missing, truncated
-    or altered file is logged (``logging.warning`` with its folder and the
-    problem), moved aside to ``<step>.corrupt-<n>`` (unless read-only) and
-    skipped. The first step that verifies is restored; any error while
-    restoring it is raised (its files are intact, so the cause is elsewhere:
-    a template that does not match, devices, memory).
+    def latest_step(self) -> int | None:
+        """Newest finalized step in the directory (or being saved), else None.
 
-    Args:
-      state_template: a pytree with the structure, shapes and dtypes of the
-        saved state: concrete arrays, or ``jax.ShapeDtypeStruct`` leaves (e.g.
-        from ``jax.eval_shape``). Restored arrays get each leaf's sharding;
-        leaves without one go to the first device (single-process only).
-      data_iterator: a grain iterator; its position is set in place to the
-        restored step's (this process's file).
-      step: restore exactly this step (no fallback) instead of the newest.
+        This lists folders only; the step's files are verified by ``restore``.
+        """
+        return self._manager.latest_step()
 
-    Returns:
-      The restored state: same pytree structure as ``state_template``, values
-      bit-identical to those saved.
+    def all_steps(self) -> list[int]:
+        """All finalized steps in the directory, oldest first."""
+        return sorted(self._manager.all_steps())
 
-    Raises:
-      CheckpointNotFoundError: no step (or not ``step``) exists, or every step
-        failed verification.
-      ValueError: the template's leaves (paths, shapes, dtypes) differ from the
-        checkpoint's, or ``data_iterator`` is given but the step saved none.
-    """
-    _check_iterator(data_iterator)
-    target = _abstract_target(state_template)
-    self._manager.wait_until_finished()
-    self._manager.reload()
-    available = self.all_steps()
-    if step is not None:
-      step = _as_step(step)
-      if step not in available:
-        raise CheckpointNotFoundError(
-            f"No checkpoint for step {step} in {self._directory}; steps there:"
-            f" {available}."
-        )
-      candidates = [step]
-    else:
-      candidates = available[::-1]
-    if not candidates:
-      raise CheckpointNotFoundError(f"No checkpoint in {self._directory}.")
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        data_iterator: Any = None,
+        force: bool = False,
+    ) -> bool:
+        """Starts saving ``state`` (and the iterator's position) as ``step``.
 
-    skipped = []
-    for candidate in candidates:
-      step_dir = self._step_dir(candidate)
-      problem = self._verify_on_primary(step_dir)
-      if problem is not None:
-        logger.warning(
-            "Checkpoint %s is damaged and will not be loaded: %s", step_dir,
-            problem,
-        )
-        self._move_aside(candidate)
-        skipped.append(f"{step_dir}: {problem}")
-        continue
-      manifest = json.loads((step_dir / CHECKSUMS_FILENAME).read_text())
-      if data_iterator is not None and not any(
-          name.startswith(_DATA + "/") for name in manifest["files"]
-      ):
-        raise ValueError(
-            f"A data iterator was given, but checkpoint {step_dir} holds no"
-            " data iterator state."
-        )
-      _check_template_matches(
-          target, self._manager.item_metadata(candidate)[_STATE], step_dir
-      )
-      items = {_STATE: ocp.args.StandardRestore(target)}
-      if data_iterator is not None:
-        items[_DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
-      restored = self._manager.restore(
-          candidate, args=ocp.args.Composite(**items)
-      )
-      if skipped:
-        logger.warning(
-            "Restored step %d from %s after skipping %d damaged step(s).",
-            candidate, self._directory, len(skipped),
-        )
-      return restored[_STATE]
-    raise CheckpointNotFoundError(
-        f"No intact checkpoint in {self._directory}; damaged: {skipped}."
-    )
+        Args:
+          step: the training step this state is the result of (>= 0).
+          state: the TrainState pytree (jax arrays, numpy arrays or scalars).
+          data_iterator: a grain iterator (``get_state``/``set_state``) whose
+            position is saved with the state, per process.
+          force: save even if ``step`` is not a multiple of
+            ``save_interval_steps``.
 
-  def wait_until_finished(self) -> None:
-    """Blocks until the background save (if any) is committed; raises its error."""
-    self._manager.wait_until_finished()
+        Returns:
+          True if a save was started, False if skipped: not a save step, or not
+          newer than the newest step in the directory (logged, as a warning when
+          older).
+        """
+        if self._read_only:
+            raise ValueError(f"Checkpointer for {self._directory} is read-only; cannot save.")
+        step = _as_step(step)
+        _check_iterator(data_iterator)
+        latest = self._manager.latest_step()
+        if latest is not None and step <= latest:
+            if force or step % self._save_interval_steps == 0:
+                # Re-saving the newest step (e.g. a forced save after the loop) is
+                # routine; saving behind it means a run resumed from an older step.
+                log = logger.info if step == latest else logger.warning
+                log(
+                    "Not saving step %d to %s: step %d exists there and checkpoints are never overwritten.",
+                    step,
+                    self._directory,
+                    latest,
+                )
+            return False
+        if not force and not self._manager.should_save(step):
+            return False
+        # The checksum hook reads `_pending_step` from Orbax's background thread;
+        # the previous save must be finished before it changes.
+        self._manager.wait_until_finished()
+        self._pending_step = step
+        items = {_STATE: ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+        if self._config is not None:
+            items[_CONFIG] = ocp.args.JsonSave(self._config)
+        saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        if not self._async_save:
+            self._manager.wait_until_finished()
+        return saved
 
-  def close(self) -> None:
-    """Waits for pending saves and deletions, then releases resources."""
-    self._manager.close()
+    def restore(
+        self,
+        state_template: Any,
+        *,
+        data_iterator: Any = None,
+        step: int | None = None,
+    ) -> Any:
+        """Restores a step into the structure of ``state_template``.
 
-  def __enter__(self) -> Checkpointer:
-    return self
+        Steps are tried newest first (or only ``step`` when given). Each is first
+        verified against its ``checksums.json``: a step with a missing, truncated
+        or altered file is logged (``logging.warning`` with its folder and the
+        problem), moved aside to ``<step>.corrupt-<n>`` (unless read-only) and
+        skipped. The first step that verifies is restored; any error while
+        restoring it is raised (its files are intact, so the cause is elsewhere:
+        a template that does not match, devices, memory).
 
-  def __exit__(self, *exc_info) -> None:
-    self.close()
+        Args:
+          state_template: a pytree with the structure, shapes and dtypes of the
+            saved state: concrete arrays, or ``jax.ShapeDtypeStruct`` leaves (e.g.
+            from ``jax.eval_shape``). Restored arrays get each leaf's sharding;
+            leaves without one go to the first device (single-process only).
+          data_iterator: a grain iterator; its position is set in place to the
+            restored step's (this process's file).
+          step: restore exactly this step instead of the newest; if it is
+            damaged it is reported and moved aside as above, and no other step is
+            tried.
 
-  # ---------------------------------------------------------------- private
+        Returns:
+          The restored state: same pytree structure as ``state_template``, values
+          bit-identical to those saved.
 
-  def _step_dir(self, step: int) -> epath.Path:
-    return self._directory / str(step)
+        Raises:
+          CheckpointNotFoundError: no step (or not ``step``) exists, or every step
+            failed verification.
+          ValueError: the template's leaves (paths, shapes, dtypes) differ from the
+            checkpoint's, or ``data_iterator`` is given but the step saved none.
+        """
+        _check_iterator(data_iterator)
+        target = _abstract_target(state_template)
+        self._manager.wait_until_finished()
+        self._manager.reload()
+        available = self.all_steps()
+        if step is not None:
+            step = _as_step(step)
+            if step not in available:
+                raise CheckpointNotFoundError(
+                    f"No checkpoint for step {step} in {self._directory}; steps there: {available}."
+                )
+            candidates = [step]
+        else:
+            candidates = available[::-1]
+        if not candidates:
+            raise CheckpointNotFoundError(f"No checkpoint in {self._directory}.")
 
-  def _write_checksums_before_commit(self) -> None:
-    """Orbax hook: on the primary host, after all writes, before the rename."""
-    step = self._pending_step
-    tmp_dir = self._directory / f"{step}{_TMP_SUFFIX}"
-    step_dir = tmp_dir if tmp_dir.exists() else self._step_dir(step)
-    manifest = {
-        "format": 1,
-        "step": step,
-        "algorithm": "sha256",
-        "files": _file_digests(step_dir),
-    }
-    (step_dir / CHECKSUMS_FILENAME).write_text(
-        json.dumps(manifest, indent=1, sort_keys=True)
-    )
+        skipped = []
+        for candidate in candidates:
+            step_dir = self._step_dir(candidate)
+            problem = self._verify_on_primary(step_dir)
+            if problem is not None:
+                logger.warning(
+                    "Checkpoint %s is damaged and will not be loaded: %s",
+                    step_dir,
+                    problem,
+                )
+                self._move_aside(candidate)
+                skipped.append(f"{step_dir}: {problem}")
+                continue
+            manifest = json.loads((step_dir / CHECKSUMS_FILENAME).read_text())
+            if data_iterator is not None and not any(name.startswith(_DATA + "/") for name in manifest["files"]):
+                raise ValueError(f"A data iterator was given, but checkpoint {step_dir} holds no data iterator state.")
+            _check_template_matches(target, self._manager.item_metadata(candidate)[_STATE], step_dir)
+            items = {_STATE: ocp.args.StandardRestore(target)}
+            if data_iterator is not None:
+                items[_DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+            restored = self._manager.restore(candidate, args=ocp.args.Composite(**items))
+            if skipped:
+                logger.warning(
+                    "Restored step %d from %s after skipping %d damaged step(s).",
+                    candidate,
+                    self._directory,
+                    len(skipped),
+                )
+            return restored[_STATE]
+        raise CheckpointNotFoundError(f"No intact checkpoint in {self._directory}; damaged: {skipped}.")
 
-  def _verify_on_primary(self, step_dir: epath.Path) -> str | None:
-    """The primary process checks the files; all processes get its verdict."""
-    if jax.process_count() == 1:
-      return _verify_step_dir(step_dir)
-    problem = _verify_step_dir(step_dir) if jax.process_index() == 0 else None
-    damaged = multihost_utils.broadcast_one_to_all(
-        np.int32(problem is not None)
-    )
-    if bool(damaged) and problem is None:
-      problem = "reported damaged by the primary process"
-    return problem
+    def wait_until_finished(self) -> None:
+        """Blocks until the background save (if any) is committed; raises its error."""
+        self._manager.wait_until_finished()
 
-  def _move_aside(self, step: int) -> None:
-    """Renames a damaged step to <step>.corrupt-<n> so it is kept, not reused."""
-    if self._read_only:
-      return
-    if jax.process_index() == 0:
-      n = 0
-      while (self._directory / f"{step}.corrupt-{n}").exists():
-        n += 1
-      target = self._directory / f"{step}.corrupt-{n}"
-      self._step_dir(step).rename(target)
-      logger.warning(
-          "Moved damaged checkpoint %s to %s.", self._step_dir(step), target
-      )
-    if jax.process_count() > 1:
-      ocp.multihost.sync_global_processes(f"diffusion_jax_move_aside_{step}")
-    self._manager.reload()
+    def close(self) -> None:
+        """Waits for pending saves and deletions, then releases resources."""
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- private
+
+    def _step_dir(self, step: int) -> epath.Path:
+        return self._directory / str(step)
+
+    def _write_checksums_before_commit(self) -> None:
+        """Orbax hook: on the primary host, after all writes, before the rename."""
+        step = self._pending_step
+        tmp_dir = self._directory / f"{step}{_TMP_SUFFIX}"
+        step_dir = tmp_dir if tmp_dir.exists() else self._step_dir(step)
+        manifest = {
+            "format": 1,
+            "step": step,
+            "algorithm": "sha256",
+            "files": _file_digests(step_dir),
+        }
+        (step_dir / CHECKSUMS_FILENAME).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+    def _verify_on_primary(self, step_dir: epath.Path) -> str | None:
+        """The primary process checks the files; all processes get its verdict."""
+        if jax.process_count() == 1:
+            return _verify_step_dir(step_dir)
+        problem = _verify_step_dir(step_dir) if jax.process_index() == 0 else None
+        damaged = multihost_utils.broadcast_one_to_all(np.int32(problem is not None))
+        if bool(damaged) and problem is None:
+            problem = "reported damaged by the primary process"
+        return problem
+
+    def _move_aside(self, step: int) -> None:
+        """Renames a damaged step to <step>.corrupt-<n> so it is kept, not reused."""
+        if self._read_only:
+            return
+        if jax.process_index() == 0:
+            n = 0
+            while (self._directory / f"{step}.corrupt-{n}").exists():
+                n += 1
+            target = self._directory / f"{step}.corrupt-{n}"
+            self._step_dir(step).rename(target)
+            logger.warning("Moved damaged checkpoint %s to %s.", self._step_dir(step), target)
+        if jax.process_count() > 1:
+            # Every process runs the same sequence of barriers, so the counter agrees.
+            ocp.multihost.sync_global_processes(f"diffusion_jax_move_aside_{step}_{next(_BARRIER_IDS)}")
+        self._manager.reload()
 
 
 def save_config(directory: os.PathLike | str, config_dict: Mapping[str, Any]):
-  """Writes ``config_dict`` to ``<directory>/config.json`` (primary process).
+    """Writes ``config_dict`` to ``<directory>/config.json`` (primary process).
 
-  JSON only (never pickle); tuples come back as lists. The file is written
-  to a temporary name and renamed, so a reader never sees half of it.
+    JSON only (never pickle); tuples come back as lists. The file is written
+    to a temporary name and renamed, so a reader never sees half of it.
 
-  Args:
-    directory: folder to write into (created if missing).
-    config_dict: a mapping of JSON-serializable values, or an object with
-      ``to_dict()`` (e.g. ``ml_collections.ConfigDict``).
-  """
-  text = json.dumps(_config_as_json_dict(config_dict), indent=2, sort_keys=True)
-  if jax.process_index() != 0:
-    return
-  directory = epath.Path(_absolute(directory))
-  directory.mkdir(parents=True, exist_ok=True)
-  tmp = directory / f"{CONFIG_FILENAME}.tmp-{os.getpid()}"
-  tmp.write_text(text + "\n")
-  tmp.rename(directory / CONFIG_FILENAME)
+    Args:
+      directory: folder to write into (created if missing).
+      config_dict: a mapping of JSON-serializable values, or an object with
+        ``to_dict()`` (e.g. ``ml_collections.ConfigDict``).
+    """
+    text = json.dumps(_config_as_json_dict(config_dict), indent=2, sort_keys=True)
+    if jax.process_index() != 0:
+        return
+    directory = epath.Path(_absolute(directory))
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f"{CONFIG_FILENAME}.tmp-{os.getpid()}"
+    tmp.write_text(text + "\n")
+    tmp.rename(directory / CONFIG_FILENAME)
 
 
 def load_config(directory: os.PathLike | str) -> dict[str, Any]:
-  """Reads ``<directory>/config.json`` written by ``save_config``."""
-  path = epath.Path(_absolute(directory)) / CONFIG_FILENAME
-  if not path.exists():
-    raise FileNotFoundError(f"No {CONFIG_FILENAME} in {directory}.")
-  config = json.loads(path.read_text())
-  if not isinstance(config, dict):
-    raise ValueError(f"{path} holds a {type(config).__name__}, not an object.")
-  return config
+    """Reads ``<directory>/config.json`` written by ``save_config``."""
+    path = epath.Path(_absolute(directory)) / CONFIG_FILENAME
+    if not path.exists():
+        raise FileNotFoundError(f"No {CONFIG_FILENAME} in {directory}.")
+    config = json.loads(path.read_text())
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a {type(config).__name__}, not an object.")
+    return config
 
 
 # ------------------------------------------------------------------ helpers
 
 
 def _absolute(directory: os.PathLike | str) -> str:
-  directory = os.fspath(directory)
-  return directory if "://" in directory else os.path.abspath(directory)
+    directory = os.fspath(directory)
+    return directory if "://" in directory else os.path.abspath(directory)
 
 
 def _as_step(step: Any) -> int:
-  if isinstance(step, bool):
-    raise TypeError(f"step must be an int, got {step!r}.")
-  try:
-    step = operator.index(step)
-  except TypeError:
-    raise TypeError(
-        f"step must be an int, got {type(step).__name__} {step!r}."
-    ) from None
-  if step < 0:
-    raise ValueError(f"step must be >= 0, got {step}.")
-  return step
+    if isinstance(step, bool):
+        raise TypeError(f"step must be an int, got {step!r}.")
+    try:
+        step = operator.index(step)
+    except TypeError:
+        raise TypeError(f"step must be an int, got {type(step).__name__} {step!r}.") from None
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}.")
+    return step
 
 
 def _check_iterator(data_iterator: Any) -> None:
-  if data_iterator is not None and not (
-      callable(getattr(data_iterator, "get_state", None))
-      and callable(getattr(data_iterator, "set_state", None))
-  ):
-    raise TypeError(
-        "data_iterator must be a grain iterator with get_state()/set_state(),"
-        f" got {type(data_iterator).__name__}."
-    )
+    if data_iterator is not None and not (
+        callable(getattr(data_iterator, "get_state", None)) and callable(getattr(data_iterator, "set_state", None))
+    ):
+        raise TypeError(
+            "data_iterator must be a grain iterator with get_state()/set_state(),"
+            f" got {type(data_iterator).__name__}."
+        )
 
 
 def _config_as_json_dict(config: Any) -> dict[str, Any]:
-  if not isinstance(config, Mapping) and callable(
-      getattr(config, "to_dict", None)
-  ):
-    config = config.to_dict()
-  if not isinstance(config, Mapping):
-    raise TypeError(f"config must be a mapping, got {type(config).__name__}.")
-  try:
-    return json.loads(json.dumps(dict(config)))
-  except TypeError as e:
-    raise TypeError(f"config is not JSON-serializable: {e}") from None
+    if not isinstance(config, Mapping) and callable(getattr(config, "to_dict", None)):
+        config = config.to_dict()
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a mapping, got {type(config).__name__}.")
+    try:
+        return json.loads(json.dumps(dict(config)))
+    except TypeError as e:
+        raise TypeError(f"config is not JSON-serializable: {e}") from None
 
 
 def _walk_files(root: epath.Path):
-  for path in sorted(root.iterdir()):
-    if path.is_dir():
-      yield from _walk_files(path)
-    else:
-      yield path
+    for path in sorted(root.iterdir()):
+        if path.is_dir():
+            yield from _walk_files(path)
+        else:
+            yield path
 
 
 def _sha256(path: epath.Path) -> str:
-  digest = hashlib.sha256()
-  with path.open("rb") as f:
-    while chunk := f.read(_HASH_CHUNK_BYTES):
-      digest.update(chunk)
-  return digest.hexdigest()
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _file_digests(step_dir: epath.Path) -> dict[str, dict[str, Any]]:
-  """{relative path: {size, sha256}} of every file in the step's item folders."""
-  digests = {}
-  for item_dir in sorted(p for p in step_dir.iterdir() if p.is_dir()):
-    for path in _walk_files(item_dir):
-      if path.name in _UNCHECKED_FILENAMES:
-        continue
-      relative = os.path.relpath(os.fspath(path), os.fspath(step_dir))
-      digests[relative.replace(os.sep, "/")] = {
-          "size": path.stat().length,
-          "sha256": _sha256(path),
-      }
-  return digests
+    """{relative path: {size, sha256}} of every file in the step's item folders."""
+    digests = {}
+    for item_dir in sorted(p for p in step_dir.iterdir() if p.is_dir()):
+        for path in _walk_files(item_dir):
+            if path.name in _UNCHECKED_FILENAMES:
+                continue
+            relative = os.path.relpath(os.fspath(path), os.fspath(step_dir))
+            digests[relative.replace(os.sep, "/")] = {
+                "size": path.stat().length,
+                "sha256": _sha256(path),
+            }
+    return digests
 
 
 def _verify_step_dir(step_dir: epath.Path) -> str | None:
-  """None if every file listed in checksums.json is intact, else the problem."""
-  manifest_path = step_dir / CHECKSUMS_FILENAME
-  if not manifest_path.exists():
-    return f"{CHECKSUMS_FILENAME} is missing"
-  try:
-    files = json.loads(manifest_path.read_text())["files"]
-    entries = [(str(k), int(v["size"]), str(v["sha256"])) for k, v in files.items()]
-  except (ValueError, KeyError, TypeError, AttributeError) as e:
-    return f"{CHECKSUMS_FILENAME} is unreadable ({type(e).__name__}: {e})"
-  if not any(name.startswith(_STATE + "/") for name, _, _ in entries):
-    return f"{CHECKSUMS_FILENAME} lists no '{_STATE}' files"
-  for name, size, sha256 in entries:
-    parts = name.split("/")
-    if name.startswith("/") or ".." in parts:
-      return f"{CHECKSUMS_FILENAME} lists a path outside the step: {name!r}"
-    path = step_dir.joinpath(*parts)
-    if not path.exists():
-      return f"file {name} is missing"
-    actual_size = path.stat().length
-    if actual_size != size:
-      return f"file {name} has {actual_size} bytes, expected {size}"
-    if _sha256(path) != sha256:
-      return f"file {name} does not match its sha256 checksum"
-  return None
+    """None if every file listed in checksums.json is intact, else the problem."""
+    manifest_path = step_dir / CHECKSUMS_FILENAME
+    if not manifest_path.exists():
+        return f"{CHECKSUMS_FILENAME} is missing"
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+        entries = [(str(k), int(v["size"]), str(v["sha256"])) for k, v in files.items()]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{CHECKSUMS_FILENAME} is unreadable ({type(e).__name__}: {e})"
+    if not any(name.startswith(_STATE + "/") for name, _, _ in entries):
+        return f"{CHECKSUMS_FILENAME} lists no '{_STATE}' files"
+    for name, size, sha256 in entries:
+        parts = name.split("/")
+        if name.startswith("/") or ".." in parts:
+            return f"{CHECKSUMS_FILENAME} lists a path outside the step: {name!r}"
+        path = step_dir.joinpath(*parts)
+        if not path.exists():
+            return f"file {name} is missing"
+        actual_size = path.stat().length
+        if actual_size != size:
+            return f"file {name} has {actual_size} bytes, expected {size}"
+        if _sha256(path) != sha256:
+            return f"file {name} does not match its sha256 checksum"
+    return None
 
 
 def _abstract_target(template: Any) -> Any:
-  """Template -> ShapeDtypeStruct leaves carrying the shardings to restore to."""
+    """Template -> ShapeDtypeStruct leaves carrying the shardings to restore to."""
 
-  def leaf(x):
-    if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)):
-      sharding = getattr(x, "sharding", None)
-      if sharding is None:
-        if jax.process_count() > 1:
-          raise ValueError(
-              "Every array leaf of the restore template needs a sharding when"
-              " running on more than one process."
-          )
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-    return x
+    def leaf(x):
+        if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)):
+            sharding = getattr(x, "sharding", None)
+            if sharding is None:
+                if jax.process_count() > 1:
+                    raise ValueError(
+                        "Every array leaf of the restore template needs a sharding when"
+                        " running on more than one process."
+                    )
+                sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+        return x
 
-  leaves = jax.tree.leaves(template)
-  if not leaves:
-    raise ValueError("state_template has no leaves.")
-  return jax.tree.map(leaf, template)
+    leaves = jax.tree.leaves(template)
+    if not leaves:
+        raise ValueError("state_template has no leaves.")
+    return jax.tree.map(leaf, template)
 
 
 def _leaf_name(path) -> str:
-  return ".".join(
-      str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
-      for k in path
-  )
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _dtype_name(dtype: Any) -> str:
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return str(dtype)
 
 
 def _check_template_matches(target: Any, metadata: Any, step_dir) -> None:
-  """Raises ValueError listing leaves whose path, shape or dtype differ."""
-  tree = getattr(metadata, "tree", metadata)
-  saved = {
-      _leaf_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(tree)
-  }
-  wanted = {
-      _leaf_name(p): leaf
-      for p, leaf in jax.tree_util.tree_leaves_with_path(target)
-  }
-  problems = [f"{n}: not in the checkpoint" for n in sorted(wanted.keys() - saved.keys())]
-  problems += [f"{n}: not in the template" for n in sorted(saved.keys() - wanted.keys())]
-  for name in sorted(wanted.keys() & saved.keys()):
-    want, have = wanted[name], saved[name]
-    want_shape = tuple(np.shape(want))
-    want_dtype = np.dtype(getattr(want, "dtype", np.asarray(want).dtype))
-    have_shape = tuple(getattr(have, "shape", ()) or ())
-    have_dtype = getattr(have, "dtype", None)
-    if have_shape != want_shape:
-      problems.append(f"{name}: shape {have_shape} saved, {want_shape} wanted")
-    elif have_dtype is not None and np.dtype(have_dtype) != want_dtype:
-      problems.append(
-          f"{name}: dtype {np.dtype(have_dtype)} saved, {want_dtype} wanted"
-      )
-  if problems:
-    shown = "; ".join(problems[:10])
-    more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
-    raise ValueError(
-        f"Restore template does not match checkpoint {step_dir}: {shown}{more}."
-    )
+    """Raises ValueError listing leaves whose path, shape or dtype differ."""
+    tree = getattr(metadata, "tree", metadata)
+    saved = {_leaf_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+    wanted = {_leaf_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(target)}
+    problems = [f"{n}: not in the checkpoint" for n in sorted(wanted.keys() - saved.keys())]
+    problems += [f"{n}: not in the template" for n in sorted(saved.keys() - wanted.keys())]
+    for name in sorted(wanted.keys() & saved.keys()):
+        want, have = wanted[name], saved[name]
+        if isinstance(want, jax.ShapeDtypeStruct) and jax.dtypes.issubdtype(want.dtype, jax.dtypes.prng_key):
+            want = jax.eval_shape(jax.random.key_data, want)  # typed keys are stored as their key data
+        want_shape = tuple(np.shape(want))
+        want_dtype = _dtype_name(want.dtype if hasattr(want, "dtype") else np.asarray(want).dtype)
+        have_shape = tuple(getattr(have, "shape", ()) or ())
+        have_dtype = None if getattr(have, "dtype", None) is None else _dtype_name(have.dtype)
+        if have_shape != want_shape:
+            problems.append(f"{name}: shape {have_shape} saved, {want_shape} wanted")
+        elif have_dtype is not None and have_dtype != want_dtype:
+            problems.append(f"{name}: dtype {have_dtype} saved, {want_dtype} wanted")
+    if problems:
+        shown = "; ".join(problems[:10])
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise ValueError(f"Restore template does not match checkpoint {step_dir}: {shown}{more}.")
