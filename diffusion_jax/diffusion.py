@@ -79,40 +79,42 @@ def q_posterior_mean_variance(schedule: DiffusionSchedule, x0: jax.Array, x_t: j
 # (x_t, one prediction) determines the other two.
 
 
-def _coefs(schedule: DiffusionSchedule, t: jax.Array, ndim: int):
+def _coefs(schedule: DiffusionSchedule, x: jax.Array, t: jax.Array, name: str):
+    """(sqrt(alphabar_t), sqrt(1 - alphabar_t)) shaped to broadcast against ``x``, after checking t."""
+    _check(schedule, x, t, name)
     return (
-        extract(jnp.sqrt(schedule.alphas_cumprod), t, ndim),
-        extract(jnp.sqrt(schedule.one_minus_alphas_cumprod), t, ndim),
+        extract(jnp.sqrt(schedule.alphas_cumprod), t, x.ndim),
+        extract(jnp.sqrt(schedule.one_minus_alphas_cumprod), t, x.ndim),
     )
 
 
 def x0_from_eps(schedule: DiffusionSchedule, x_t: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
     """x_0 = (x_t - sqrt(1 - alphabar_t) eps) / sqrt(alphabar_t) (Ho et al. eq. 4 solved for x_0)."""
-    a, s = _coefs(schedule, t, x_t.ndim)
+    a, s = _coefs(schedule, x_t, t, "x_t")
     return (x_t - s * eps) / a
 
 
 def eps_from_x0(schedule: DiffusionSchedule, x_t: jax.Array, t: jax.Array, x0: jax.Array) -> jax.Array:
     """eps = (x_t - sqrt(alphabar_t) x_0) / sqrt(1 - alphabar_t)."""
-    a, s = _coefs(schedule, t, x_t.ndim)
+    a, s = _coefs(schedule, x_t, t, "x_t")
     return (x_t - a * x0) / s
 
 
 def x0_from_v(schedule: DiffusionSchedule, x_t: jax.Array, t: jax.Array, v: jax.Array) -> jax.Array:
     """x_0 = sqrt(alphabar_t) x_t - sqrt(1 - alphabar_t) v (Salimans & Ho 2022)."""
-    a, s = _coefs(schedule, t, x_t.ndim)
+    a, s = _coefs(schedule, x_t, t, "x_t")
     return a * x_t - s * v
 
 
 def eps_from_v(schedule: DiffusionSchedule, x_t: jax.Array, t: jax.Array, v: jax.Array) -> jax.Array:
     """eps = sqrt(1 - alphabar_t) x_t + sqrt(alphabar_t) v (Salimans & Ho 2022)."""
-    a, s = _coefs(schedule, t, x_t.ndim)
+    a, s = _coefs(schedule, x_t, t, "x_t")
     return s * x_t + a * v
 
 
 def v_from_x0_eps(schedule: DiffusionSchedule, x0: jax.Array, eps: jax.Array, t: jax.Array) -> jax.Array:
     """v = sqrt(alphabar_t) eps - sqrt(1 - alphabar_t) x_0 (Salimans & Ho 2022, sec. 4)."""
-    a, s = _coefs(schedule, t, x0.ndim)
+    a, s = _coefs(schedule, x0, t, "x0")
     return a * eps - s * x0
 
 

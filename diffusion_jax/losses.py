@@ -39,7 +39,8 @@ def normal_kl(mean1, logvar1, mean2, logvar2) -> jax.Array:
 
     = 1/2 (-1 + logvar2 - logvar1 + e^(logvar1 - logvar2) + (mean1 - mean2)^2 e^(-logvar2)).
     """
-    return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * jnp.exp(-logvar2))
+    # (logvar2 - logvar1) first, so KL(p || p) is exactly 0 rather than an ulp of 1 + |logvar|.
+    return 0.5 * (-1.0 + (logvar2 - logvar1) + jnp.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * jnp.exp(-logvar2))
 
 
 def _log_ndtr_diff(hi: jax.Array, lo: jax.Array) -> jax.Array:
@@ -135,6 +136,7 @@ def min_snr_weight(schedule: DiffusionSchedule, t: jax.Array, *, gamma: float, p
     the model's own target that is min(SNR, gamma) / SNR for eps,
     min(SNR, gamma) for x_0 and min(SNR, gamma) / (SNR + 1) for v.
     """
+    _checks.check_choice("prediction", prediction, _checks.PREDICTIONS)
     snr = schedule.alphas_cumprod[t] / schedule.one_minus_alphas_cumprod[t]
     clipped = jnp.minimum(snr, gamma)
     return {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1.0)}[prediction]

@@ -112,13 +112,20 @@ def schedule_from_alphas_cumprod(
     one_minus_abar = as_array(one_minus_alphas_cumprod)
     if one_minus_abar is None:
         one_minus_abar = 1.0 - abar
+    if concrete:
+        if not np.all((abar > 0) & (abar <= 1)):
+            raise ValueError(f"alphas_cumprod must lie in (0, 1], got values in [{abar.min()}, {abar.max()}]")
+        if abar.shape[0] > 1 and not np.all(np.diff(abar) < 0):
+            raise ValueError("alphas_cumprod must be strictly decreasing in t (every beta_t > 0)")
     abar_prev = xp.concatenate([xp.ones((1,), dtype), abar[:-1]])
+    # 1 - alphabar_{t-1} from the accurate table, not by subtraction (float32 near t = 0).
+    one_minus_abar_prev = xp.concatenate([xp.zeros((1,), dtype), one_minus_abar[:-1]])
     betas = as_array(betas)
     if betas is None:
         betas = 1.0 - abar / abar_prev
     alphas = 1.0 - betas
 
-    posterior_variance = betas * (1.0 - abar_prev) / one_minus_abar
+    posterior_variance = betas * one_minus_abar_prev / one_minus_abar
     # tilde-beta_0 = 0; the t = 0 row of the reverse process is the decoder, and
     # the original code uses tilde-beta_1 there so the log stays finite.
     first = posterior_variance[1:2] if abar.shape[0] > 1 else betas[:1]
@@ -135,7 +142,7 @@ def schedule_from_alphas_cumprod(
         posterior_variance=f32(posterior_variance),
         posterior_log_variance_clipped=f32(posterior_log_variance_clipped),
         posterior_mean_coef1=f32(betas * xp.sqrt(abar_prev) / one_minus_abar),
-        posterior_mean_coef2=f32(xp.sqrt(alphas) * (1.0 - abar_prev) / one_minus_abar),
+        posterior_mean_coef2=f32(xp.sqrt(alphas) * one_minus_abar_prev / one_minus_abar),
         timesteps=jnp.asarray(timesteps, jnp.int32),
     )
 
@@ -380,18 +387,22 @@ def respace(schedule: DiffusionSchedule, timesteps: Sequence[int] | np.ndarray) 
         raise ValueError("respace timesteps must be strictly increasing")
     if idx[0] < 0 or idx[-1] >= schedule.num_timesteps:
         raise ValueError(f"respace timesteps must lie in [0, {schedule.num_timesteps - 1}], got {idx[0]}..{idx[-1]}")
-    # Work in log alphabar from the original betas: 1 - alphabar_t keeps only a few
+    # The kept rows keep their stored alphabar and 1 - alphabar. The new betas come
+    # from log-space sums of the original betas: 1 - alphabar_t keeps only a few
     # digits in float32 near t = 0, so dividing stored alphabars would not do.
     betas, timesteps = schedule.betas, schedule.timesteps
     xp = np if _is_concrete(betas, timesteps) else jnp
     if xp is np:
         betas, timesteps = np.asarray(betas, np.float64), np.asarray(timesteps)
     log_abar_all = xp.concatenate([xp.zeros((1,), betas.dtype), xp.cumsum(xp.log1p(-betas))])
-    log_abar = log_abar_all[idx + 1]
+    log_abar = log_abar_all[idx + 1]  # used only in the ratio below
     log_abar_prev = log_abar_all[np.concatenate([[0], idx[:-1] + 1])]
+    abar, one_minus = schedule.alphas_cumprod, schedule.one_minus_alphas_cumprod
+    if xp is np:
+        abar, one_minus = np.asarray(abar, np.float64), np.asarray(one_minus, np.float64)
     return schedule_from_alphas_cumprod(
-        xp.exp(log_abar),
-        one_minus_alphas_cumprod=-xp.expm1(log_abar),
+        abar[idx],
+        one_minus_alphas_cumprod=one_minus[idx],
         betas=-xp.expm1(log_abar - log_abar_prev),
         timesteps=timesteps[idx],
     )

@@ -1,0 +1,407 @@
+"""Every public function rejects bad input with a clear error that names what is wrong."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import diffusion_jax as dj
+
+T = 50
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    return dj.make_schedule("linear", T)
+
+
+B, SHAPE = 3, (3, 4, 4, 2)
+X = jnp.zeros(SHAPE, jnp.float32)
+TS = jnp.array([0, 10, 49], jnp.int32)
+
+
+def zeros_model(x, t):
+    return jnp.zeros_like(x)
+
+
+# --- Schedules ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,error,match",
+    [
+        (("quadratic", 10), {}, ValueError, r"unknown schedule 'quadratic'.*linear"),
+        (("linear", 0), {}, ValueError, r"num_timesteps must be an integer >= 1, got 0"),
+        (("linear", -5), {}, ValueError, r"num_timesteps must be an integer >= 1"),
+        (("linear", 100.0), {}, ValueError, r"num_timesteps must be an integer >= 1, got 100\.0"),
+        (("linear", True), {}, ValueError, r"num_timesteps must be an integer"),
+        (("linear", "100"), {}, ValueError, r"num_timesteps must be an integer"),
+        (("cosine", 10), {"beta_start": 0.1}, TypeError, r"schedule 'cosine'.*beta_start"),
+        (("linear", 10), {"s": 0.008}, TypeError, r"schedule 'linear'.*'s'"),
+        (("linear", 10), {}, ValueError, r"linear schedule betas must lie in \(0, 1\).*1000/T"),
+        (("sigmoid", 10), {"start": 3.0, "end": -3.0}, ValueError, r"sigmoid schedule needs end > start"),
+        (("sigmoid", 10), {"tau": 0.0}, ValueError, r"sigmoid schedule needs tau > 0"),
+        (("log_snr_linear", 10), {"log_snr_max": -1.0, "log_snr_min": 1.0}, ValueError, r"log_snr_max > log_snr_min"),
+    ],
+)
+def test_make_schedule_rejects(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        dj.make_schedule(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "betas,match",
+    [
+        (np.zeros((2, 3)) + 0.1, r"betas must be a non-empty \[T\] vector, got shape \(2, 3\)"),
+        (np.zeros((0,)), r"betas must be a non-empty \[T\] vector"),
+        (np.array([0.1, 0.0, 0.2]), r"betas must lie in \(0, 1\)"),
+        (np.array([0.1, 1.0]), r"betas must lie in \(0, 1\)"),
+        (np.array([-0.1, 0.5]), r"betas must lie in \(0, 1\)"),
+    ],
+)
+def test_schedule_from_betas_rejects(betas, match):
+    with pytest.raises(ValueError, match=match):
+        dj.schedule_from_betas(betas)
+
+
+@pytest.mark.parametrize(
+    "log_snr,match",
+    [
+        (np.array([1.0, 2.0, 0.0]), r"log_snr must be strictly decreasing"),
+        (np.array([1.0, 1.0]), r"log_snr must be strictly decreasing"),
+        (np.zeros((2, 2)), r"log_snr must be a non-empty \[T\] vector"),
+        (np.zeros((0,)), r"log_snr must be a non-empty \[T\] vector"),
+    ],
+)
+def test_schedule_from_log_snr_rejects(log_snr, match):
+    with pytest.raises(ValueError, match=match):
+        dj.schedule_from_log_snr(log_snr)
+
+
+def test_schedule_from_alphas_cumprod_rejects_bad_shape():
+    with pytest.raises(ValueError, match=r"alphas_cumprod must be a non-empty \[T\] vector"):
+        dj.schedule_from_alphas_cumprod(np.full((2, 2), 0.5))
+
+
+@pytest.mark.parametrize("abar", [[0.5, 0.9], [0.9, 0.0], [1.5, 0.5]])
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_schedule_from_alphas_cumprod_rejects_invalid_values(abar):
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        dj.schedule_from_alphas_cumprod(np.array(abar))
+
+
+@pytest.mark.parametrize(
+    "timesteps,match",
+    [
+        ([], r"respace needs a non-empty 1-D list of timesteps"),
+        ([[0, 1], [2, 3]], r"respace needs a non-empty 1-D list"),
+        ([0, 5, 5, 9], r"respace timesteps must be strictly increasing"),
+        ([0, 9, 5], r"respace timesteps must be strictly increasing"),
+        ([-1, 5], r"respace timesteps must lie in \[0, 49\]"),
+        ([0, 50], r"respace timesteps must lie in \[0, 49\], got 0\.\.50"),
+        ([0.0, 5.0], r"respace timesteps must be integers"),
+    ],
+)
+def test_respace_rejects(schedule, timesteps, match):
+    with pytest.raises(ValueError, match=match):
+        dj.respace(schedule, timesteps)
+
+
+@pytest.mark.parametrize("num_steps", [0, -1, T + 1])
+def test_spacings_reject_num_steps_out_of_range(schedule, num_steps):
+    with pytest.raises(ValueError, match=rf"num_steps must be in \[1, {T}\], got {num_steps}"):
+        dj.evenly_spaced_timesteps(T, num_steps)
+    with pytest.raises(ValueError, match=rf"num_steps must be in \[1, {T}\], got {num_steps}"):
+        dj.log_snr_spaced_timesteps(schedule, num_steps)
+
+
+def test_log_snr_spacing_needs_a_concrete_schedule(schedule):
+    with pytest.raises(ValueError, match=r"log-SNR spacing needs a concrete schedule"):
+        jax.jit(lambda s: dj.log_snr_spaced_timesteps(s, 5))(schedule)
+
+
+# --- Forward process, posterior, reverse process ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "x0,t,noise,error,match",
+    [
+        (
+            jnp.zeros((8,)),
+            jnp.array([0]),
+            jnp.zeros((8,)),
+            ValueError,
+            r"x0 must have shape \[B, \.\.\.\] with rank >= 2, got shape \(8,\)",
+        ),
+        (X, TS, jnp.zeros((3, 4, 4, 1)), ValueError, r"shapes must match.*x0.*noise"),
+        (X.astype(jnp.int32), TS, X, TypeError, r"x0 must be a floating-point array, got dtype int32"),
+        (np.zeros(SHAPE).tolist(), TS, X, TypeError, r"x0 must be an array, got list"),
+        (X, jnp.array([0, 10, 50]), X, ValueError, r"t must lie in \[0, 49\], got values in \[0, 50\]"),
+        (X, jnp.array([-1, 0, 3]), X, ValueError, r"t must lie in \[0, 49\]"),
+        (X, jnp.array([0, 1]), X, ValueError, r"t must have shape \[B\] = \(3,\), got \(2,\)"),
+        (X, jnp.zeros((3, 1), jnp.int32), X, ValueError, r"t must have shape \[B\] = \(3,\), got \(3, 1\)"),
+        (X, jnp.array(0), X, ValueError, r"t must have shape \[B\]"),
+        (X, jnp.array([0.0, 1.0, 2.0]), X, TypeError, r"t must be an integer array, got dtype float32"),
+        (X, [0, 1, 2], X, TypeError, r"t must be an integer array of shape \[3\], got list"),
+    ],
+)
+def test_q_sample_rejects(schedule, x0, t, noise, error, match):
+    with pytest.raises(error, match=match):
+        dj.q_sample(schedule, x0, t, noise)
+
+
+def test_out_of_range_t_under_jit_is_not_checked_but_shapes_are(schedule):
+    """Values are only known outside jit; shapes and dtypes are checked at trace time."""
+    jax.jit(dj.q_sample)(schedule, X, jnp.array([0, 10, 50]), X)  # clamped, no error
+    with pytest.raises(ValueError, match=r"t must have shape \[B\]"):
+        jax.jit(dj.q_sample)(schedule, X, jnp.array([0, 1]), X)
+
+
+def test_q_mean_variance_rejects(schedule):
+    with pytest.raises(ValueError, match=r"x0 must have shape \[B, \.\.\.\]"):
+        dj.q_mean_variance(schedule, jnp.zeros((4,)), jnp.array([0]))
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 49\]"):
+        dj.q_mean_variance(schedule, X, jnp.array([0, 1, 99]))
+
+
+def test_q_posterior_rejects(schedule):
+    with pytest.raises(ValueError, match=r"shapes must match.*x0.*x_t"):
+        dj.q_posterior_mean_variance(schedule, jnp.zeros((3, 4, 4, 1)), X, TS)
+    with pytest.raises(ValueError, match=r"x_t must have shape \[B, \.\.\.\] with rank >= 2"):
+        dj.q_posterior_mean_variance(schedule, jnp.zeros((3,)), jnp.zeros((3,)), TS)
+
+
+@pytest.mark.parametrize(
+    "output_channels,variance,kwargs,error,match",
+    [
+        (
+            2,
+            "learned_range",
+            {},
+            ValueError,
+            r"model output must have shape \(3, 4, 4, 4\) for variance='learned_range' \(prediction and variance",
+        ),
+        (4, "fixed_small", {}, ValueError, r"model output must have shape \(3, 4, 4, 2\) for variance='fixed_small'"),
+        (2, "learned", {}, ValueError, r"unknown variance 'learned'; expected one of"),
+        (
+            2,
+            "fixed_small",
+            {"prediction": "score"},
+            ValueError,
+            r"unknown prediction 'score'; expected one of \('eps', 'x0', 'v'\)",
+        ),
+    ],
+)
+def test_p_mean_variance_rejects(schedule, output_channels, variance, kwargs, error, match):
+    out = jnp.zeros(SHAPE[:-1] + (output_channels,))
+    with pytest.raises(error, match=match):
+        dj.p_mean_variance(schedule, out, X, TS, variance=variance, **kwargs)
+
+
+def test_p_mean_variance_rejects_bad_x_t_and_t(schedule):
+    with pytest.raises(ValueError, match=r"x_t must have shape \[B, \.\.\.\]"):
+        dj.p_mean_variance(schedule, jnp.zeros((5,)), jnp.zeros((5,)), jnp.array([0]))
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 49\]"):
+        dj.p_mean_variance(schedule, X, X, jnp.array([0, 1, 50]))
+
+
+@pytest.mark.parametrize("fn", [dj.prediction_target, dj.x0_from_prediction, dj.eps_from_prediction])
+def test_prediction_conversions_reject_unknown_prediction(schedule, fn):
+    with pytest.raises(ValueError, match=r"unknown prediction 'epsilon'"):
+        fn(schedule, "epsilon", X, X, TS)
+
+
+def test_prediction_conversions_reject_out_of_range_t(schedule):
+    with pytest.raises(ValueError, match=r"t must lie in"):
+        dj.x0_from_eps(schedule, X, jnp.array([0, 1, 50]), X)
+
+
+# --- Losses and bound ------------------------------------------------------------------------
+
+
+def test_vlb_term_rejects(schedule):
+    with pytest.raises(ValueError, match=r"shapes must match.*x0.*x_t"):
+        dj.vlb_term(schedule, X, jnp.zeros((3, 4, 4, 1)), X, TS)
+    with pytest.raises(ValueError, match=r"model output must have shape \(3, 4, 4, 4\)"):
+        dj.vlb_term(schedule, X, X, X, TS, variance="learned_range")
+    with pytest.raises(ValueError, match=r"unknown variance 'small'"):
+        dj.vlb_term(schedule, X, X, X, TS, variance="small")
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 49\]"):
+        dj.vlb_term(schedule, X, X, X, jnp.array([0, 1, 50]))
+
+
+def test_prior_bpd_rejects_unbatched_input(schedule):
+    with pytest.raises(ValueError, match=r"x0 must have shape \[B, \.\.\.\] with rank >= 2, got shape \(5,\)"):
+        dj.prior_bpd(schedule, jnp.zeros((5,)))
+
+
+def test_min_snr_weight_rejects_unknown_prediction(schedule):
+    with pytest.raises(ValueError, match=r"unknown prediction 'epsilon'"):
+        dj.min_snr_weight(schedule, TS, gamma=5.0, prediction="epsilon")
+
+
+@pytest.mark.parametrize(
+    "kwargs,model,noise,t,error,match",
+    [
+        (
+            {"loss": "l2"},
+            zeros_model,
+            X,
+            TS,
+            ValueError,
+            r"unknown loss 'l2'; expected one of \('simple', 'vlb', 'hybrid'\)",
+        ),
+        ({"prediction": "score"}, zeros_model, X, TS, ValueError, r"unknown prediction 'score'"),
+        ({"variance": "learned"}, zeros_model, X, TS, ValueError, r"unknown variance 'learned'"),
+        ({"min_snr_gamma": 0.0}, zeros_model, X, TS, ValueError, r"min_snr_gamma must be positive or None, got 0\.0"),
+        ({"min_snr_gamma": -5.0}, zeros_model, X, TS, ValueError, r"min_snr_gamma must be positive"),
+        (
+            {"variance": "learned_range", "loss": "hybrid"},
+            zeros_model,
+            X,
+            TS,
+            ValueError,
+            r"model output must have shape \(3, 4, 4, 4\) for variance='learned_range'",
+        ),
+        (
+            {},
+            lambda x, t: jnp.zeros(x.shape[:-1] + (1,)),
+            X,
+            TS,
+            ValueError,
+            r"model output must have shape \(3, 4, 4, 2\)",
+        ),
+        ({}, zeros_model, jnp.zeros((3, 4, 4, 1)), TS, ValueError, r"shapes must match.*noise"),
+        ({}, zeros_model, X, jnp.array([0, 1, 50]), ValueError, r"t must lie in \[0, 49\]"),
+        ({}, zeros_model, X, jnp.array([0.0, 1.0, 2.0]), TypeError, r"t must be an integer array"),
+    ],
+)
+def test_training_losses_rejects(schedule, kwargs, model, noise, t, error, match):
+    with pytest.raises(error, match=match):
+        dj.training_losses(model, schedule, X, t, noise, **kwargs)
+
+
+def test_training_losses_rejects_unbatched_x0(schedule):
+    with pytest.raises(ValueError, match=r"x0 must have shape \[B, \.\.\.\] with rank >= 2, got shape \(4,\)"):
+        dj.training_losses(zeros_model, schedule, jnp.zeros((4,)), jnp.array([0]), jnp.zeros((4,)))
+
+
+def test_nll_bpd_rejects(schedule):
+    with pytest.raises(ValueError, match=r"x0 must have shape \[B, \.\.\.\]"):
+        dj.nll_bpd(zeros_model, schedule, jnp.zeros((4,)), jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match=r"unknown prediction 'score'"):
+        dj.nll_bpd(zeros_model, schedule, X, jax.random.PRNGKey(0), prediction="score")
+    with pytest.raises(ValueError, match=r"model output must have shape \(3, 4, 4, 4\)"):
+        dj.nll_bpd(zeros_model, schedule, X, jax.random.PRNGKey(0), variance="learned_range")
+
+
+# --- Timestep sampling ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [(0, 10), (10, 0), (-1, 3)])
+def test_init_loss_history_rejects(args):
+    with pytest.raises(ValueError, match=r"need num_timesteps >= 1 and history_per_term >= 1"):
+        dj.init_loss_history(*args)
+
+
+def test_update_loss_history_rejects_mismatched_shapes():
+    h = dj.init_loss_history(4, 2)
+    with pytest.raises(ValueError, match=r"t and losses must both be \[B\], got \(3,\) and \(2,\)"):
+        dj.update_loss_history(h, jnp.array([0, 1, 2]), jnp.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"t and losses must both be \[B\]"):
+        dj.update_loss_history(h, jnp.zeros((2, 2), jnp.int32), jnp.zeros((2, 2)))
+
+
+def test_sample_timesteps_rejects_history_of_another_T():
+    with pytest.raises(ValueError, match=r"history has 4 timesteps, expected 10"):
+        dj.sample_timesteps(jax.random.PRNGKey(0), 8, 10, dj.init_loss_history(4, 2))
+
+
+# --- Sampling ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (
+            {"sampler": "euler"},
+            ValueError,
+            r"unknown sampler 'euler'; expected one of \('ddpm', 'ddim', 'dpm_solver\+\+'\)",
+        ),
+        (
+            {"spacing": "quadratic", "num_steps": 10},
+            ValueError,
+            r"unknown spacing 'quadratic'; expected one of \('time', 'log_snr'\)",
+        ),
+        ({"prediction": "score"}, ValueError, r"unknown prediction 'score'"),
+        ({"variance": "learned"}, ValueError, r"unknown variance 'learned'"),
+        ({"sampler": "ddim", "eta": -0.1}, ValueError, r"eta must lie in \[0, 1\], got -0\.1"),
+        ({"sampler": "ddim", "eta": 1.5}, ValueError, r"eta must lie in \[0, 1\], got 1\.5"),
+        ({"x_T": jnp.zeros((3, 4, 4, 1))}, ValueError, r"x_T must have shape \(3, 4, 4, 2\), got \(3, 4, 4, 1\)"),
+        ({"num_steps": T + 1}, ValueError, rf"num_steps must be in \[1, {T}\], got {T + 1}"),
+        ({"num_steps": T + 1, "spacing": "log_snr"}, ValueError, rf"num_steps must be in \[1, {T}\]"),
+        ({"num_steps": 0}, ValueError, rf"num_steps must be in \[1, {T}\], got 0"),
+        ({"num_steps": 10.0}, TypeError, r"num_steps must be an int or None, got 10\.0"),
+        ({"num_steps": True}, TypeError, r"num_steps must be an int or None"),
+    ],
+)
+def test_sample_rejects(schedule, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        dj.sample(zeros_model, schedule, SHAPE, jax.random.PRNGKey(0), **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(8,), (0, 4), (3, -1)])
+def test_sample_rejects_bad_shape(schedule, shape):
+    with pytest.raises(ValueError, match=r"shape must be \[B, \.\.\.\] with rank >= 2 and positive sizes"):
+        dj.sample(zeros_model, schedule, shape, jax.random.PRNGKey(0))
+
+
+def test_sample_rejects_model_output_of_wrong_shape(schedule):
+    with pytest.raises(ValueError, match=r"model output must have shape \(3, 4, 4, 4\) for variance='learned_range'"):
+        dj.sample(zeros_model, schedule, SHAPE, jax.random.PRNGKey(0), variance="learned_range")
+
+
+def cond_model(x, t, y):
+    return jnp.zeros_like(x)
+
+
+@pytest.mark.parametrize(
+    "labels,kwargs,match",
+    [
+        (jnp.array([0, 1, 2]), {"guidance_scale": -1.0}, r"guidance_scale must be >= 0, got -1\.0"),
+        (jnp.array([0.0, 1.0, 2.0]), {"guidance_scale": 1.0}, r"labels must be an int \[B\] array"),
+        (
+            jnp.zeros((3, 1), jnp.int32),
+            {"guidance_scale": 1.0},
+            r"labels must be an int \[B\] array, got shape \(3, 1\)",
+        ),
+        (jnp.array([0, 1, 2]), {"guidance_scale": 1.0, "variance": "learned"}, r"unknown variance 'learned'"),
+    ],
+)
+def test_classifier_free_guidance_rejects(labels, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        dj.classifier_free_guidance(cond_model, labels, null_label=10, **kwargs)
+
+
+def test_guided_model_rejects_batch_mismatch():
+    guided = dj.classifier_free_guidance(cond_model, jnp.array([0, 1]), guidance_scale=1.0, null_label=10)
+    with pytest.raises(ValueError, match=r"batch of x \(3\) must match the number of labels \(2\)"):
+        guided(X, TS)
+
+
+# --- Learned schedule ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"num_timesteps": 0}, r"num_timesteps must be >= 1, got 0"),
+        (
+            {"num_timesteps": 10, "log_snr_max_init": -5.0, "log_snr_min_init": 5.0},
+            r"log_snr_max_init \(-5\.0\) must exceed log_snr_min_init \(5\.0\)",
+        ),
+    ],
+)
+def test_learned_schedule_rejects(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        dj.LearnedSchedule(hidden_features=4, **kwargs).init(jax.random.PRNGKey(0))
