@@ -45,13 +45,18 @@ builders' code but declares it only for Python < 3.9; without it
 
 Determinism and sharding
 ------------------------
-Process ``p`` of ``P`` reads the examples ``p, p + P, p + 2P, ...`` of a split
-(disjoint shards that cover it). The training stream of a process is its shard
-shuffled anew each epoch (grain's index shuffle, per-epoch seed ``s + epoch``)
-and repeated forever; batches run straight across epoch boundaries, so no
-example is dropped. Shuffle order and flips are pure functions of
-(``seed``, ``process_index``, position in the stream), so the same seed gives
-the same batches, and a restored iterator state continues exactly.
+Training: the job reads one stream, the train split shuffled anew each epoch
+(grain's index shuffle, per-epoch seed ``s + epoch``) and repeated forever;
+batches run straight across epoch boundaries, so no example is dropped. Global
+batch ``k`` is elements ``kB .. kB + B - 1`` of that stream, and process ``p``
+of ``P`` reads rows ``p B/P .. (p + 1) B/P - 1`` of every global batch
+(decoding only those). So the global batch, its examples and their order, does
+not depend on the number of processes: 2 processes of 2 devices train exactly
+as 1 process of 4. Shuffle order and flips are pure functions of (``seed``,
+position in the stream), so the same seed gives the same batches, and a
+restored iterator state continues exactly. Evaluation: process ``p`` reads the
+examples ``p, p + P, p + 2P, ...`` of the eval split (disjoint shards that
+cover it).
 """
 
 from __future__ import annotations
@@ -391,6 +396,24 @@ def _random_horizontal_flip(element, rng: np.random.Generator):
     return element
 
 
+class _RowOfGlobalBatch(grain.transforms.Map):
+    """Local index n -> the stream element this process holds at that position.
+
+    Local batch k (rows n = k b .. k b + b - 1, b = B / P) is rows p b .. p b + b - 1
+    of global batch k, i.e. stream elements k B + p b .. k B + p b + b - 1.
+    """
+
+    def __init__(self, stream: grain.MapDataset, *, global_batch: int, local_batch: int, first_row: int):
+        self._stream = stream
+        self._global_batch = global_batch
+        self._local_batch = local_batch
+        self._first_row = first_row
+
+    def map(self, element):
+        batch, row = divmod(element, self._local_batch)
+        return self._stream[batch * self._global_batch + self._first_row + row]
+
+
 class _PaddedExample(grain.transforms.Map):
     """Index i -> example i of `shard` with mask 1, or a zero example with mask 0."""
 
@@ -461,10 +484,12 @@ def create_train_iterator(
     """Returns an endless, checkpointable iterator over this process's training batches.
 
     Each `next()` gives {"image": float32 [b, S, S, C] in [-1, 1], "label": int32
-    [b]} with b = global_batch_size // process_count. The process's shard
-    (examples process_index, process_index + process_count, ...) is reshuffled
-    every epoch; with `config.random_flip` each image is mirrored with
-    probability 1/2, decided by (seed, process_index, position in the stream).
+    [b]} with b = global_batch_size // process_count: rows
+    process_index * b .. (process_index + 1) * b - 1 of the job's global batch,
+    so the processes' batches, concatenated in process order, are the batch of
+    a one-process job. The split is reshuffled every epoch; with
+    `config.random_flip` each image is mirrored with probability 1/2, decided
+    by (seed, position in the stream).
     The iterator's `get_state()`/`set_state()` (or grain's Orbax
     `CheckpointHandler`) save and restore the position exactly.
 
@@ -497,26 +522,25 @@ def create_train_iterator(
         raise ValueError(f"worker_count must be a non-negative int, got {worker_count!r}.")
 
     split = _open_split(config, config.train_split)
-    shard = grain.MapDataset.source(split.records)[process_index::process_count]
-    if len(shard) == 0:
-        raise ValueError(
-            f"dataset {config.name!r} split {config.train_split!r} has {len(split.records)} "
-            f"examples, too few for process {process_index} of {process_count} to get any."
-        )
-    shuffle_seed, flip_seed = np.random.SeedSequence(
-        [int(seed), int(process_index)]
-    ).generate_state(2)
+    # The seeds do not depend on the process: every process indexes the same
+    # stream (and decodes only its own rows of each global batch).
+    shuffle_seed, flip_seed = np.random.SeedSequence(int(seed)).generate_state(2)
     # Shuffle before repeat: grain reseeds the shuffle with seed + epoch, so each
-    # epoch is a fresh permutation of the shard.
-    dataset = shard.shuffle(seed=int(shuffle_seed)).repeat()
-    dataset = dataset.map(_ToModelInput(config.image_size))
+    # epoch is a fresh permutation of the split.
+    stream = grain.MapDataset.source(split.records).shuffle(seed=int(shuffle_seed)).repeat()
+    stream = stream.map(_ToModelInput(config.image_size))
     if config.random_flip:
-        dataset = dataset.random_map(_random_horizontal_flip, seed=int(flip_seed))
+        stream = stream.random_map(_random_horizontal_flip, seed=int(flip_seed))
+    local_batch = global_batch_size // process_count
+    dataset = grain.MapDataset.range(len(stream) // global_batch_size * local_batch).map(
+        _RowOfGlobalBatch(stream, global_batch=global_batch_size, local_batch=local_batch,
+                          first_row=process_index * local_batch)
+    )
     # Batching the MapDataset (not the IterDataset) makes a batch the unit of
     # work: prefetch threads and worker processes each build whole batches, and
     # worker w builds batches w, w + W, ..., so the stream is the same for every
     # worker_count.
-    dataset = dataset.batch(global_batch_size // process_count, drop_remainder=True)
+    dataset = dataset.batch(local_batch, drop_remainder=True)
     batches = dataset.to_iter_dataset(_READ_OPTIONS)
     if worker_count:
         # grain's worker processes read absl flags; outside an absl.app program

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from jax import lax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -45,9 +46,9 @@ def maybe_initialize_distributed(enabled: bool | str) -> bool:
     created once per process.
 
     Args:
-      enabled: ``True`` always initializes (JAX finds the coordinator from its
-        arguments' environment: ``JAX_COORDINATOR_ADDRESS``,
-        ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``, or a cluster it detects);
+      enabled: ``True`` always initializes (from ``JAX_COORDINATOR_ADDRESS``,
+        ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``, or from a cluster that
+        JAX detects: SLURM, Open MPI, Cloud TPU, Kubernetes);
         ``False`` never does; ``"auto"`` initializes when one of
         the environment variables a multi-process launcher sets is present.
 
@@ -63,8 +64,25 @@ def maybe_initialize_distributed(enabled: bool | str) -> bool:
         return False
     if jax.distributed.is_initialized():
         return False
-    jax.distributed.initialize()
+    jax.distributed.initialize(**_process_args_from_env())
     return True
+
+
+def _process_args_from_env() -> dict[str, int]:
+    """``num_processes``/``process_id`` from ``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``, where set.
+
+    ``jax.distributed.initialize`` itself reads only ``JAX_COORDINATOR_ADDRESS``
+    from the environment (a cluster it detects, e.g. SLURM, supplies all three).
+    """
+    args = {}
+    for name, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+        value = os.environ.get(name)
+        if value:
+            try:
+                args[arg] = int(value)
+            except ValueError:
+                raise ValueError(f"environment variable {name} must be an int, got {value!r}") from None
+    return args
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -88,12 +106,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def _shard_map(fn: Callable, mesh: Mesh, in_specs, out_specs) -> Callable:
     """``jax.shard_map`` with replication checking on, across JAX versions.
 
-    The check matters for correctness, not only for error messages: with it
-    on, ``jax.grad`` of a loss that was ``pmean``-ed inside the per-device
-    function w.r.t. replicated parameters is exactly the gradient of the
-    global-batch mean loss (the transpose of the implicit broadcast of
-    replicated inputs is a ``psum``). The flag is ``check_vma`` from JAX 0.7
-    on and ``check_rep`` in ``jax.experimental.shard_map`` before.
+    With the check on, JAX tracks which values differ between devices, so an
+    output declared replicated (``P()``) that is not is an error at trace
+    time. Note its effect on gradients: the gradient w.r.t. a replicated
+    input is summed over devices implicitly; see :func:`vary_over_data`. The
+    flag is ``check_vma`` from JAX 0.7 on and ``check_rep`` in
+    ``jax.experimental.shard_map`` before.
     """
     if hasattr(jax, "shard_map"):
         shard_map = jax.shard_map
@@ -129,6 +147,23 @@ def data_parallel(
     """
     mapped = _shard_map(per_device_fn, mesh, in_specs, out_specs)
     return jax.jit(mapped, donate_argnums=donate_argnums)
+
+
+def vary_over_data(tree: Any) -> Any:
+    """Inside a per-device function: treats replicated values as per-device ones.
+
+    Differentiating w.r.t. the result gives this device's own gradient (to be
+    averaged with ``lax.pmean``), instead of the implicit ``psum`` that JAX's
+    replication checking applies to the gradient of a replicated input. It
+    also lets custom-VJP layers, whose backward rules return per-device
+    cotangents, take replicated parameters. (``lax.pcast`` from JAX 0.8,
+    ``lax.pvary`` before; without replication types it is the identity.)
+    """
+    if hasattr(lax, "pcast"):
+        return lax.pcast(tree, DATA_AXIS, to="varying")
+    if hasattr(lax, "pvary"):
+        return lax.pvary(tree, DATA_AXIS)
+    return tree
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:

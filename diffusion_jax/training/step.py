@@ -7,12 +7,14 @@ trainer maps it with :func:`diffusion_jax.parallel.data_parallel` (state
 replicated and donated, batch split); nothing here knows how many devices
 there are.
 
-Randomness is drawn per example: the key of example ``i`` of the global batch
-at step ``n`` is ``fold_in(fold_in(base_key, n), i)``. So a resumed run draws
-the same numbers as an uninterrupted one, and the same global batch gives the
-same update on 1 device or on 8. Dropout is the exception: its key is folded
-with the device index (``lax.axis_index``), because the model draws dropout
-masks for its whole per-device batch at once.
+Randomness is derived, never carried: at step ``n`` the step key is
+``fold_in(base_key, n)``, split into an examples key and a dropout key.
+Timestep, noise and label dropout of example ``i`` of the *global* batch come
+from ``fold_in(examples_key, i)``, so a resumed run draws the same numbers as
+an uninterrupted one, and the same global batch gives the same update on 1
+device or on 8. Dropout is the exception: its key is folded with the device
+index (``lax.axis_index``), because the model draws the dropout masks of its
+whole per-device batch at once.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import optax
 from jax import lax
 
 import diffusion_jax as dj
+from diffusion_jax import parallel
 from diffusion_jax.parallel import DATA_AXIS
 from diffusion_jax.training.state import TrainState, ema_update
 
@@ -159,9 +162,8 @@ def make_train_step(
             drop = jax.vmap(lambda k: jax.random.bernoulli(k, cfg.cond_drop_rate))(k_label)
             y = jnp.where(drop, cfg.num_classes, labels)
 
-        # 3. Loss and gradients. The loss is the global-batch mean (pmean inside
-        #    the differentiated function), so its gradient w.r.t. the replicated
-        #    parameters is already the global one on every device.
+        # 3. Loss and gradients: this device's mean loss and gradient, then the
+        #    mean over devices (equal shards, so it is the global-batch mean).
         def loss_fn(trainable):
             params, schedule_params = trainable
             sched = schedule.apply({"params": schedule_params}) if learned else schedule
@@ -173,10 +175,12 @@ def make_train_step(
             losses = dj.training_losses(
                 model_fn, sched, x0, t, noise, loss=cfg.loss, prediction=cfg.prediction,
                 variance=cfg.variance, min_snr_gamma=cfg.min_snr_gamma, vlb_weight=cfg.vlb_weight)
-            return _global_mean(losses.loss * weights), losses
+            return jnp.mean(losses.loss * weights), losses
 
-        (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
-        grad_norm = optax.global_norm(grads)
+        trainable = parallel.vary_over_data(state.trainable)
+        (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        grads = lax.pmean(grads, DATA_AXIS)
+        grad_norm = optax.tree.norm(grads)
         loss = _global_mean(losses.loss)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 

@@ -1,0 +1,210 @@
+"""Devices, peaks, memory and versions shared by diffusion_jax's benchmark scripts.
+
+The JAX counterpart of `peers/_torch_harness.py`: the one place that decides
+how our scripts describe the machine, which peak FLOP/s an MFU is taken
+against, and where a peak-memory figure comes from, so that
+`train_throughput.py` and `sample_throughput.py` report them alike.
+
+XLA reads `XLA_FLAGS` once, when the first backend starts. `configure_xla`
+must therefore run before anything touches a device (importing jax is fine).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_report.py
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repo root: diffusion_jax
+
+import _report  # noqa: E402
+
+# Dense peak FLOP/s from NVIDIA's H100/H200 datasheets (SXM, without sparsity):
+# bf16 on tensor cores, fp32 on the CUDA cores. The H200 has the H100's
+# compute and more, faster memory. (device_kind substring, dtype) -> FLOP/s.
+GPU_PEAK_FLOPS = {
+    ("H100 PCIe", "bfloat16"): 756e12,
+    ("H100 PCIe", "float32"): 51e12,
+    ("H100", "bfloat16"): 989e12,
+    ("H100", "float32"): 67e12,
+    ("H200", "bfloat16"): 989e12,
+    ("H200", "float32"): 67e12,
+}
+# CPU: FLOPs per cycle per core of the widest FMA the CPU has, taking two FMA
+# ports (Intel Xeon Scalable, AMD Zen 4+): AVX-512 = 2 ports x 16 fp32 lanes x
+# 2 (multiply + add); AVX2 = 2 x 8 x 2. bfloat16 gets the same fp32 vector
+# peak: XLA's CPU code does bf16 arithmetic in fp32 vector registers.
+CPU_FP32_FLOPS_PER_CYCLE = {"avx512f": 64, "avx2": 32}
+
+
+def configure_xla(*, cpu_devices: int | None = None, extra_flags: str = "") -> str:
+    """Adds benchmark XLA flags to `XLA_FLAGS`; returns the resulting value.
+
+    Args:
+      cpu_devices: run the CPU backend as this many devices
+        (`--xla_force_host_platform_device_count`), each a data-parallel shard.
+      extra_flags: more flags, space-separated, appended as given.
+
+    Flags set after a backend started are silently ignored; the scripts
+    check afterwards that the device count came out as asked.
+    """
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    if cpu_devices is not None:
+        if cpu_devices < 1:
+            raise ValueError(f"cpu_devices must be >= 1, got {cpu_devices}")
+        flags = [f for f in flags if not f.startswith("--xla_force_host_platform_device_count")]
+        flags.append(f"--xla_force_host_platform_device_count={cpu_devices}")
+    flags += extra_flags.split()
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+    return os.environ["XLA_FLAGS"]
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_ghz() -> float | None:
+    """The nominal clock from /proc/cpuinfo ("cpu MHz"), in GHz, or None."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return float(line.split(":", 1)[1]) / 1000.0
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def peak_flops_per_s(device, dtype: str) -> tuple[float | None, str]:
+    """The peak FLOP/s an MFU is taken against, and a sentence saying which peak.
+
+    GPU: the datasheet figure for `dtype` (`GPU_PEAK_FLOPS`). CPU: an
+    estimate, cores x nominal GHz x fp32 FLOPs/cycle of the widest FMA
+    (`CPU_FP32_FLOPS_PER_CYCLE`), for either dtype. None where unknown.
+    """
+    if device.platform == "cpu":
+        flags = cpu_flags()
+        per_cycle = next((v for k, v in CPU_FP32_FLOPS_PER_CYCLE.items() if k in flags), None)
+        ghz = cpu_ghz()
+        cores = _report.usable_cpu_count()
+        if per_cycle is None or ghz is None:
+            return None, "cpu: unknown vector width or clock"
+        isa = next(k for k in CPU_FP32_FLOPS_PER_CYCLE if k in flags)
+        return (cores * ghz * 1e9 * per_cycle,
+                f"cpu estimate: {cores} cores x {ghz:.2f} GHz x {per_cycle} fp32 FLOP/cycle ({isa}, 2 FMA ports)")
+    kind = device.device_kind
+    for (name, dt), value in GPU_PEAK_FLOPS.items():  # "H100 PCIe" is listed before "H100"
+        if name in kind and dt == dtype:
+            return value, f"{name} datasheet dense {dt}: {value / 1e12:.0f} TFLOP/s"
+    return None, f"no peak known for {kind!r} {dtype}"
+
+
+def device_name(devices) -> str:
+    """One line naming the hardware: the accelerator kind (x count) or the CPU model."""
+    d = devices[0]
+    if d.platform == "cpu":
+        desc = _report.device_description(None)
+        return desc if len(devices) == 1 else f"{desc}, as {len(devices)} XLA devices"
+    return d.device_kind if len(devices) == 1 else f"{len(devices)} x {d.device_kind}"
+
+
+def peak_memory_bytes(devices) -> tuple[int | None, str]:
+    """The largest peak memory over `devices`, and where the figure comes from.
+
+    Accelerators report `peak_bytes_in_use` in `memory_stats()`; the CPU
+    backend reports nothing, so the process's maximum resident set size is
+    given instead (which also counts the Python interpreter and XLA's compiler).
+    """
+    peaks = []
+    for d in devices:
+        stats = d.memory_stats() if hasattr(d, "memory_stats") else None
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(int(stats["peak_bytes_in_use"]))
+    if peaks:
+        return max(peaks), "device.memory_stats()['peak_bytes_in_use'], max over devices"
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS (ru_maxrss)"
+
+
+def flops_of(compiled) -> float | None:
+    """Total FLOPs XLA's cost analysis counts for one call of `compiled`, or None.
+
+    Note: the count is per device program (SPMD), and XLA counts the body of a
+    while loop (a `lax.scan`) once, not once per iteration.
+    """
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # some backends do not implement it
+        return None
+    if isinstance(cost, (list, tuple)):  # older JAX: one dict per device program
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"])
+
+
+@functools.lru_cache(maxsize=8)
+def initial_params(workload, seed: int):
+    """The workload's UNet parameters from `init` (float32, on the host), and their count.
+
+    Cached: a sweep over batch sizes and dtypes initialises once (parameters
+    are float32 whatever the compute dtype).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from diffusion_jax.models import UNet
+
+    model = UNet(workload.unet_config("float32"))
+    x = jnp.zeros((1, *workload.image_shape), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    params = jax.device_get(jax.jit(lambda k: model.init(k, x, t, train=False)["params"])(jax.random.key(seed)))
+    return params, sum(int(a.size) for a in jax.tree.leaves(params))
+
+
+def versions() -> dict[str, str]:
+    import flax
+    import jax
+    import jaxlib
+    import optax
+
+    return {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+            "flax": flax.__version__, "optax": optax.__version__}
+
+
+class CpuShare:
+    """CPU seconds this process got per wall second per usable core, over a stretch.
+
+    Near 1.0 when the run had the CPU to itself; well below, other processes
+    took the cores and throughput is understated. (The peers report the same.)
+    """
+
+    def __init__(self):
+        self.cpu0, self.wall0 = time.process_time(), time.perf_counter()
+
+    def value(self) -> float:
+        wall = time.perf_counter() - self.wall0
+        return round((time.process_time() - self.cpu0) / (wall * _report.usable_cpu_count()), 3)
+
+
+def common_fields(devices) -> dict[str, Any]:
+    """Record fields describing the machine and its state: device, load, XLA flags."""
+    return {
+        "device": device_name(devices),
+        "num_devices": len(devices),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }

@@ -1,0 +1,718 @@
+"""Training, evaluation and sampling jobs, assembled from the library's parts.
+
+``train.py`` calls one of the three entry points at the bottom of this file:
+
+* :func:`train_and_evaluate` — train (resuming from the workdir's latest
+  checkpoint), with progress, TensorBoard scalars, periodic NLL and sample
+  grids, checkpoints, and a clean stop on SIGTERM/SIGINT;
+* :func:`evaluate` — the variational bound in bits/dim over the whole test
+  split, spread over all devices, to ``workdir/nll.json``;
+* :func:`sample` — images from the latest checkpoint's EMA parameters, to a
+  PNG grid and an ``.npz`` in ``workdir/samples/``.
+
+The file reads top to bottom:
+
+1. Config -> typed settings, and :func:`validate_config`.
+2. Building blocks: model, schedule, optimizer, the initial state.
+3. Device programs: the NLL and the sampler, per device.
+4. Host-side helpers: metric summaries, signals, output files.
+5. The three jobs.
+
+Data flow: config -> (``input_pipeline``, ``models``, ``training.state``,
+``training.step``, ``parallel``, ``checkpointing``, ``metric_writers``). Only
+``parallel`` builds meshes and shardings, only ``checkpointing`` talks to
+Orbax, only ``input_pipeline`` to TFDS/grain, only ``metric_writers`` writes
+logs and images. Only process 0 writes files other than checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import tempfile
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+import diffusion_jax as dj
+from diffusion_jax import _checks
+from diffusion_jax import checkpointing
+from diffusion_jax import input_pipeline
+from diffusion_jax import metric_writers
+from diffusion_jax import parallel
+from diffusion_jax.losses import LOSSES
+from diffusion_jax.models import UNet, UNetConfig
+from diffusion_jax.training.state import DECAYS, OptimConfig, TrainState, create_train_state, make_optimizer
+from diffusion_jax.training.step import TIMESTEP_SAMPLERS, LossConfig, make_train_step
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_SUBDIR = "checkpoints"
+TENSORBOARD_SUBDIR = "tensorboard"
+SAMPLES_SUBDIR = "samples"
+NLL_FILENAME = "nll.json"
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+# =============================================================================
+# 1. Config -> typed settings, and validation
+# =============================================================================
+# Each module receives a small typed dataclass built from its part of the
+# config, never the whole ConfigDict.
+
+
+def _data_config(config) -> input_pipeline.DataConfig:
+    return input_pipeline.DataConfig(**config.data.to_dict())
+
+
+def _unet_config(config, image_channels: int) -> UNetConfig:
+    """The UNet's settings; its output has 2C channels when it also predicts variances."""
+    out_channels = image_channels * (2 if config.diffusion.variance == "learned_range" else 1)
+    return UNetConfig(**config.model.to_dict(), out_channels=out_channels, dtype=config.compute_dtype)
+
+
+def _optim_config(config) -> OptimConfig:
+    return OptimConfig(**config.optim.to_dict(), total_steps=config.num_train_steps)
+
+
+def _loss_config(config) -> LossConfig:
+    d = config.diffusion
+    return LossConfig(
+        loss=d.loss, prediction=d.prediction, variance=d.variance, min_snr_gamma=d.min_snr_gamma,
+        vlb_weight=d.vlb_weight, timestep_sampler=d.timestep_sampler,
+        num_classes=config.model.num_classes, cond_drop_rate=config.cond_drop_rate)
+
+
+def _fail(field: str, problem: str, error: type[Exception] = ValueError):
+    raise error(f"config.{field}: {problem}")
+
+
+def _check_int(config, field: str, *, minimum: int) -> int:
+    value = _get(config, field)
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(field, f"must be an int, got {value!r}", TypeError)
+    if value < minimum:
+        _fail(field, f"must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_choice(config, field: str, allowed) -> None:
+    value = _get(config, field)
+    if value not in allowed:
+        _fail(field, f"unknown value {value!r}; expected one of {tuple(allowed)}")
+
+
+def _check_range(config, field: str, low: float, high: float, *, high_open: bool = False) -> None:
+    value = _get(config, field)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(field, f"must be a number, got {value!r}", TypeError)
+    if not (low <= value < high if high_open else low <= value <= high):
+        _fail(field, f"must lie in [{low}, {high}{')' if high_open else ']'}, got {value}")
+
+
+def _get(config, field: str):
+    value = config
+    for part in field.split("."):
+        if part not in value:
+            _fail(field, "is missing (start from configs/default.py)", KeyError)
+        value = value[part]
+    return value
+
+
+def _reraise_as_field(field: str, build: Callable[[], Any]) -> Any:
+    """Builds a typed config, naming the config section in any error."""
+    try:
+        return build()
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"config.{field}: {e}") from e
+
+
+def _check_workdir(workdir: str) -> None:
+    """The workdir exists or can be created, and a file can be written in it."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test_"):
+            pass
+    except OSError as e:
+        raise ValueError(f"workdir {workdir!r} is not writable: {e}") from e
+
+
+def validate_config(
+    config: ml_collections.ConfigDict,
+    *,
+    device_count: int,
+    process_count: int = 1,
+    workdir: str | None = None,
+) -> None:
+    """Checks every field of ``config``; raises a ValueError/TypeError naming the field.
+
+    Runs before anything compiles or reads data. What needs the data itself
+    (the dataset exists, its channels and classes) is checked right after,
+    by ``input_pipeline.dataset_info`` in :func:`train_and_evaluate`.
+
+    Args:
+      config: a config built from ``configs/default.py``.
+      device_count: devices of the whole job (the global batch is split over them).
+      process_count: processes of the job (each reads its share of the batch).
+      workdir: if given, must be writable (created if missing).
+    """
+    # Top-level fields.
+    for field, minimum in (("num_train_steps", 1), ("batch_size", 1), ("seed", 0),
+                           ("log_every_steps", 1), ("checkpoint_every_steps", 1),
+                           ("eval_every_steps", 0), ("max_consecutive_nonfinite", 1)):
+        _check_int(config, field, minimum=minimum)
+    for count, what in ((device_count, "devices"), (process_count, "processes")):
+        if config.batch_size % count:
+            _fail("batch_size", f"{config.batch_size} is not divisible by the {count} {what} of this job")
+    _check_range(config, "ema_decay", 0.0, 1.0)
+    _check_range(config, "cond_drop_rate", 0.0, 1.0, high_open=True)
+    _check_choice(config, "distributed", (True, False, "auto"))
+    _check_choice(config, "compute_dtype", COMPUTE_DTYPES)
+
+    # Data and model: the typed configs check their own fields.
+    data = _reraise_as_field("data", lambda: _data_config(config))
+    unet = _reraise_as_field("model", lambda: _unet_config(config, image_channels=1))
+    downsamplings = len(unet.ch_mult) - 1
+    if data.image_size % 2**downsamplings:
+        _fail("data.image_size", f"{data.image_size} is not divisible by 2**{downsamplings} = "
+              f"{2**downsamplings}, the downsampling of model.ch_mult={unet.ch_mult}")
+    resolutions = [data.image_size >> level for level in range(len(unet.ch_mult))]
+    unused = sorted(set(unet.attn_resolutions) - set(resolutions))
+    if unused:
+        _fail("model.attn_resolutions", f"{unused} match no feature-map size of this model "
+              f"(sizes {resolutions} for image_size {data.image_size})")
+    for level, size in enumerate(resolutions):
+        if size in unet.attn_resolutions or level == len(resolutions) - 1:
+            _reraise_as_field("model", lambda mult=unet.ch_mult[level]: unet.num_attention_heads(unet.ch * mult))
+    if config.cond_drop_rate > 0 and config.model.num_classes is None:
+        _fail("cond_drop_rate", "> 0 needs a class-conditional model (set model.num_classes)")
+
+    # Diffusion.
+    d = "diffusion"
+    num_timesteps = _check_int(config, f"{d}.num_timesteps", minimum=1)
+    _check_choice(config, f"{d}.schedule", dj.SCHEDULE_NAMES)
+    _check_choice(config, f"{d}.prediction", _checks.PREDICTIONS)
+    _check_choice(config, f"{d}.variance", _checks.VARIANCES)
+    _check_choice(config, f"{d}.loss", LOSSES)
+    _check_choice(config, f"{d}.timestep_sampler", TIMESTEP_SAMPLERS)
+    if not isinstance(config.diffusion.learned_schedule, bool):
+        _fail(f"{d}.learned_schedule", f"must be a bool, got {config.diffusion.learned_schedule!r}", TypeError)
+    if config.diffusion.learned_schedule:
+        if config.diffusion.loss != "vlb":
+            _fail(f"{d}.learned_schedule", "needs diffusion.loss='vlb': only the bound gives the schedule "
+                  f"a meaningful gradient (got loss={config.diffusion.loss!r})")
+    else:
+        # Builds the tables (NumPy, no compilation): checks the kwargs and the beta range.
+        _reraise_as_field(f"{d}.schedule", lambda: dj.make_schedule(
+            config.diffusion.schedule, num_timesteps, **config.diffusion.schedule_kwargs.to_dict()))
+    if config.diffusion.variance == "learned_range" and config.diffusion.loss == "simple":
+        _fail(f"{d}.variance", "'learned_range' needs loss='hybrid' or 'vlb': the simple loss does not "
+              "train the variance channels")
+    gamma = config.diffusion.min_snr_gamma
+    if gamma is not None and (isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma <= 0):
+        _fail(f"{d}.min_snr_gamma", f"must be a positive number or None, got {gamma!r}")
+    _check_range(config, f"{d}.vlb_weight", 0.0, math.inf)
+
+    # Optimizer.
+    _check_choice(config, "optim.decay", DECAYS)
+    _reraise_as_field("optim", lambda: _optim_config(config))
+
+    # Sampling.
+    _check_choice(config, "sample.sampler", dj.SAMPLERS)
+    if config.sample.num_steps is not None:
+        steps = _check_int(config, "sample.num_steps", minimum=1)
+        if steps > num_timesteps:
+            _fail("sample.num_steps", f"{steps} exceeds diffusion.num_timesteps={num_timesteps}")
+    _check_range(config, "sample.eta", 0.0, 1.0)
+    _check_int(config, "sample.num_images", minimum=0)
+    _check_range(config, "sample.guidance_scale", 0.0, math.inf)
+    if config.sample.guidance_scale > 0 and config.model.num_classes is None:
+        _fail("sample.guidance_scale", "> 0 needs a class-conditional model (set model.num_classes)")
+    if not isinstance(config.sample.clip_denoised, bool):
+        _fail("sample.clip_denoised", f"must be a bool, got {config.sample.clip_denoised!r}", TypeError)
+
+    # Evaluation.
+    _check_int(config, "eval.batch_size", minimum=1)
+    _check_int(config, "eval.num_batches_during_training", minimum=0)
+    for field in ("eval.nll_at_end", "eval.clip_denoised", "checkpoint.async_save"):
+        if not isinstance(_get(config, field), bool):
+            _fail(field, f"must be a bool, got {_get(config, field)!r}", TypeError)
+
+    # Checkpoints and workdir.
+    _check_int(config, "checkpoint.max_to_keep", minimum=1)
+    if workdir is not None:
+        _check_workdir(workdir)
+
+
+def _check_data_matches(config, info: input_pipeline.DatasetInfo) -> None:
+    """What only the data can tell: its classes fit the model's."""
+    num_classes = config.model.num_classes
+    if num_classes is not None and info.num_classes is not None and num_classes != info.num_classes:
+        _fail("model.num_classes", f"{num_classes} differs from the {info.num_classes} classes of dataset "
+              f"{config.data.name!r}")
+    if num_classes is not None and info.num_classes is None:
+        _fail("model.num_classes", f"is set but dataset {config.data.name!r} has no labels")
+
+
+# =============================================================================
+# 2. Building blocks: model, schedule, optimizer, initial state
+# =============================================================================
+
+
+def _make_schedule(config) -> dj.DiffusionSchedule | dj.LearnedSchedule:
+    """A fixed schedule pytree, or the learned-schedule module (params in the state)."""
+    d = config.diffusion
+    if d.learned_schedule:
+        return dj.LearnedSchedule(num_timesteps=d.num_timesteps)
+    return dj.make_schedule(d.schedule, d.num_timesteps, **d.schedule_kwargs.to_dict())
+
+
+class _Job:
+    """What every mode builds from the config: mesh, model, schedule, optimizer, state shape."""
+
+    def __init__(self, config, image_shape: tuple[int, int, int]):
+        self.config = config
+        self.image_shape = tuple(image_shape)
+        self.mesh = parallel.make_mesh()
+        self.model = UNet(_unet_config(config, image_shape[-1]))
+        self.schedule = _make_schedule(config)
+        self.learned_schedule = isinstance(self.schedule, dj.LearnedSchedule)
+        self.tx, self.lr_schedule = make_optimizer(_optim_config(config))
+        root = jax.random.PRNGKey(config.seed)
+        self.init_key, self.train_key, self.eval_key, self.sample_key = jax.random.split(root, 4)
+
+    def init_state(self, key: jax.Array) -> TrainState:
+        """The step-0 state (pure, for eval_shape and jit)."""
+        h, w, c = self.image_shape
+        x = jnp.zeros((1, h, w, c), jnp.float32)
+        t = jnp.zeros((1,), jnp.int32)
+        y = None if self.config.model.num_classes is None else jnp.zeros((1,), jnp.int32)
+        model_key, schedule_key = jax.random.split(key)
+        params = self.model.init({"params": model_key}, x, t, y, train=False)["params"]
+        schedule_params = (self.schedule.init(schedule_key)["params"] if self.learned_schedule else None)
+        history = (dj.init_loss_history(self.config.diffusion.num_timesteps)
+                   if self.config.diffusion.timestep_sampler == "importance" else None)
+        return create_train_state(params, self.tx, schedule_params=schedule_params, loss_history=history)
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and (replicated) shardings of the state, without computing it."""
+        sharding = parallel.replicated_sharding(self.mesh)
+        shapes = jax.eval_shape(self.init_state, self.init_key)
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+    def create_state(self) -> TrainState:
+        """The step-0 state, computed directly on every device (replicated)."""
+        init = jax.jit(self.init_state, out_shardings=parallel.replicated_sharding(self.mesh))
+        return init(self.init_key)
+
+    def checkpointer(self, workdir: str, *, read_only: bool = False) -> checkpointing.Checkpointer:
+        c = self.config
+        return checkpointing.Checkpointer(
+            os.path.join(workdir, CHECKPOINT_SUBDIR), max_to_keep=c.checkpoint.max_to_keep,
+            save_interval_steps=c.checkpoint_every_steps, async_save=c.checkpoint.async_save,
+            config=None if read_only else c.to_dict(), read_only=read_only)
+
+    def schedule_from(self, schedule_params) -> dj.DiffusionSchedule:
+        if self.learned_schedule:
+            return self.schedule.apply({"params": schedule_params})
+        return self.schedule
+
+    # =========================================================================
+    # 3. Device programs (per device; mapped over the mesh by parallel)
+    # =========================================================================
+
+    def nll_program(self) -> Callable[[Any, Any, dict, jax.Array], jax.Array]:
+        """``(params, schedule_params, batch, key) -> bpd [global batch]`` (Ho et al. eq. 5).
+
+        Class-conditional models are evaluated with the null label, i.e. as
+        the unconditional model p(x) that classifier-free guidance trains.
+        """
+        cfg = self.config
+        null_label = cfg.model.num_classes
+
+        def per_device(params, schedule_params, batch, key):
+            images = batch["image"]
+            y = None if null_label is None else jnp.full(images.shape[:1], null_label, jnp.int32)
+
+            def model_fn(x, t):
+                return self.model.apply({"params": params}, x, t, y, train=False)
+
+            key = jax.random.fold_in(key, lax.axis_index(parallel.DATA_AXIS))
+            nll = dj.nll_bpd(model_fn, self.schedule_from(schedule_params), images, key,
+                             prediction=cfg.diffusion.prediction, variance=cfg.diffusion.variance,
+                             clip_denoised=cfg.eval.clip_denoised)
+            return nll.total
+
+        return parallel.data_parallel(per_device, self.mesh, in_specs=(P(), P(), P(parallel.DATA_AXIS), P()),
+                                      out_specs=P(parallel.DATA_AXIS))
+
+    def sample_program(self, num_images: int, *, sampler: str, num_steps: int | None):
+        """``(params, schedule_params, key) -> images [n, H, W, C]`` in [-1, 1], n >= num_images.
+
+        ``n`` is ``num_images`` rounded up to a multiple of the device count;
+        each device draws its share with its own key. Conditional models draw
+        image ``i`` of class ``i % num_classes``, guided with
+        ``sample.guidance_scale`` (Ho & Salimans 2022 eq. 6).
+        """
+        cfg = self.config
+        num_devices = self.mesh.size
+        per_device_images = -(-num_images // num_devices)
+        num_classes = cfg.model.num_classes
+
+        def per_device(params, schedule_params, key):
+            index = lax.axis_index(parallel.DATA_AXIS)
+            key = jax.random.fold_in(key, index)
+
+            def conditional(x, t, y):
+                return self.model.apply({"params": params}, x, t, y, train=False)
+
+            if num_classes is None:
+                model_fn = lambda x, t: conditional(x, t, None)  # noqa: E731
+            else:
+                labels = (index * per_device_images + jnp.arange(per_device_images)) % num_classes
+                model_fn = dj.classifier_free_guidance(
+                    conditional, labels.astype(jnp.int32), guidance_scale=cfg.sample.guidance_scale,
+                    null_label=num_classes, variance=cfg.diffusion.variance)
+            return dj.sample(model_fn, self.schedule_from(schedule_params),
+                             (per_device_images,) + self.image_shape, key, sampler=sampler,
+                             num_steps=num_steps, eta=cfg.sample.eta, prediction=cfg.diffusion.prediction,
+                             variance=cfg.diffusion.variance, clip_denoised=cfg.sample.clip_denoised)
+
+        return parallel.data_parallel(per_device, self.mesh, in_specs=(P(), P(), P()),
+                                      out_specs=P(parallel.DATA_AXIS))
+
+    def nll_over_split(self, nll_fn, state: TrainState, key: jax.Array, *,
+                       max_batches: int | None = None) -> dict[str, float]:
+        """Mean bits/dim over the eval split (or its first ``max_batches`` batches)."""
+        cfg = self.config
+        # Rounded up to a multiple of the device count; the padding is masked out.
+        per_device = -(-cfg.eval.batch_size // self.mesh.size)
+        iterator = input_pipeline.create_eval_iterator(
+            _data_config(cfg), batch_size=per_device * self.mesh.size // jax.process_count(),
+            process_index=jax.process_index(), process_count=jax.process_count())
+        total, count = 0.0, 0.0
+        for i, batch in enumerate(iterator):
+            if max_batches is not None and i >= max_batches:
+                break
+            mask = parallel.to_host(parallel.shard_batch(batch["mask"], self.mesh))
+            batch = parallel.shard_batch({"image": batch["image"]}, self.mesh)
+            bpd = parallel.to_host(nll_fn(state.ema_params, state.schedule_params, batch,
+                                          jax.random.fold_in(key, i)))
+            total += float(np.sum(bpd * mask))
+            count += float(np.sum(mask))
+        return {"nll_bpd": total / max(count, 1.0), "num_examples": int(count)}
+
+
+# =============================================================================
+# 4. Host-side helpers: metric summaries, signals, output files
+# =============================================================================
+
+
+def _summarize(metrics: list[dict[str, jax.Array]]) -> dict[str, float]:
+    """Means over the steps since the last log, skipped (non-finite) steps left out.
+
+    The one host sync of the training loop (at log steps only).
+    """
+    stacked = {k: np.stack([np.asarray(m[k]) for m in metrics]) for k in metrics[0]}
+    good = stacked["nonfinite"] == 0
+    summary = {}
+    for name, values in stacked.items():
+        if name in ("lr", "nonfinite_count", "consecutive_nonfinite"):
+            summary[name] = float(values[-1])
+        elif name == "nonfinite":
+            summary["nonfinite_steps"] = float(values.sum())
+        else:  # loss_q* may be NaN where a quarter drew no timestep
+            kept = values[good]
+            kept = kept[np.isfinite(kept)]
+            summary[name] = float(kept.mean()) if kept.size else math.nan
+    return summary
+
+
+class _StopSignals:
+    """SIGTERM/SIGINT ask the loop to stop after the step in flight.
+
+    A second SIGINT stops at once (KeyboardInterrupt). In a multi-process job
+    no handler is installed: a flag set in one process would make it leave
+    the loop while the others wait for it in a collective. There SIGTERM is
+    handled by JAX's preemption service (see
+    ``parallel.reached_preemption_sync_point``), which makes all processes
+    stop at the same step, and SIGINT keeps its default (KeyboardInterrupt).
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        del frame
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("Received %s: stopping after this step, with a checkpoint.",
+                       signal.Signals(signum).name)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _save_samples(workdir: str, name: str, images: np.ndarray, writer, step: int,
+                  *, with_npz: bool = False) -> str | None:
+    """Writes a PNG grid (and optionally the raw samples) on process 0; returns the PNG path."""
+    if not np.all(np.isfinite(images)):
+        logger.warning("Samples %s contain NaN/Inf (the model diverged?); not writing them.", name)
+        return None
+    grid = metric_writers.image_grid(images)
+    writer.write_images(step, {"samples": grid})
+    if jax.process_index() != 0:
+        return None
+    path = os.path.join(workdir, SAMPLES_SUBDIR, f"{name}.png")
+    metric_writers.save_png(path, grid)
+    if with_npz:
+        np.savez(os.path.join(workdir, SAMPLES_SUBDIR, f"{name}.npz"), images=images.astype(np.float32))
+    return path
+
+
+def _write_json(path: str, payload: dict) -> None:
+    if jax.process_index() != 0:
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _setup(config, workdir: str) -> tuple[input_pipeline.DatasetInfo, _Job]:
+    """Validation, devices and data checks shared by every mode (nothing compiled yet)."""
+    parallel.maybe_initialize_distributed(config.distributed)
+    validate_config(config, device_count=jax.device_count(), process_count=jax.process_count(),
+                    workdir=workdir)
+    info = input_pipeline.dataset_info(_data_config(config))
+    _check_data_matches(config, info)
+    return info, _Job(config, info.image_shape)
+
+
+def _restore_for_inference(job: _Job, workdir: str) -> TrainState:
+    ckpt = job.checkpointer(workdir, read_only=True)
+    try:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(
+                f"No checkpoint in {os.path.join(workdir, CHECKPOINT_SUBDIR)}: train first "
+                "(--mode=train) or pass the workdir of a trained run.")
+        return ckpt.restore(job.abstract_state())
+    finally:
+        ckpt.close()
+
+
+# =============================================================================
+# 5. The jobs
+# =============================================================================
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains (resuming from ``workdir`` if it holds a checkpoint) and evaluates.
+
+    Leaves in ``workdir``: ``checkpoints/`` (with the config), ``config.json``,
+    ``tensorboard/`` event files, ``samples/step_*.png`` grids and, with
+    ``eval.nll_at_end``, ``nll.json``.
+
+    Stops cleanly (checkpoint, return) on SIGTERM/SIGINT after the step in
+    flight. Raises FloatingPointError when ``max_consecutive_nonfinite``
+    updates in a row were skipped; that is checked at log steps, where the
+    metrics come to the host anyway, so the loop never waits on the device
+    for it; the last checkpoint is kept as it was.
+
+    Returns:
+      The final TrainState.
+    """
+    # --- 1. Config, devices, data --------------------------------------------
+    info, job = _setup(config, workdir)
+    is_chief = jax.process_index() == 0
+    train_iter = input_pipeline.create_train_iterator(
+        _data_config(config), global_batch_size=config.batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    logger.info("Dataset %s: %s images, %d train / %d eval; %d devices in %d processes.",
+                config.data.name, info.image_shape, info.num_train, info.num_eval,
+                jax.device_count(), jax.process_count())
+
+    # --- 2. State: fresh, or restored from the latest checkpoint ----------------
+    ckpt = job.checkpointer(workdir)  # every checkpoint also stores the config it was saved with
+    if ckpt.latest_step() is not None:
+        state = ckpt.restore(job.abstract_state(), data_iterator=train_iter)
+        logger.info("Resumed from step %d in %s.", int(state.step), ckpt.directory)
+    else:
+        checkpointing.save_config(workdir, config.to_dict())
+        state = job.create_state()
+    start_step = int(state.step)
+
+    # --- 3. Programs --------------------------------------------------------------
+    train_step = parallel.data_parallel(
+        make_train_step(job.model, job.schedule, job.tx, job.lr_schedule, ema_decay=config.ema_decay,
+                        loss_config=_loss_config(config)),
+        job.mesh, in_specs=(P(), P(parallel.DATA_AXIS), P()), out_specs=(P(), P()), donate_argnums=(0,))
+    nll_fn = job.nll_program()
+    sample_fn = job.sample_program(config.sample.num_images, sampler=config.sample.sampler,
+                                   num_steps=config.sample.num_steps)
+    train_key = parallel.replicate(job.train_key, job.mesh)
+
+    def write_samples(step: int) -> None:
+        if not config.sample.num_images:
+            return
+        images = parallel.to_host(sample_fn(state.ema_params, state.schedule_params,
+                                            jax.random.fold_in(job.sample_key, step)))
+        path = _save_samples(workdir, f"step_{step:08d}", images[:config.sample.num_images], writer, step)
+        if path:
+            logger.info("Samples at step %d: %s", step, path)
+
+    # --- 4. Loop ---------------------------------------------------------------------
+    writer = metric_writers.MetricWriter(os.path.join(workdir, TENSORBOARD_SUBDIR), enabled=is_chief)
+    progress = metric_writers.ProgressLogger(config.num_train_steps, batch_size=config.batch_size,
+                                             every_steps=config.log_every_steps, enabled=is_chief)
+    pending_metrics: list[dict[str, jax.Array]] = []
+    last_log = (start_step, time.monotonic())
+    stopped_early = False
+    step = start_step
+    with _StopSignals() as stop:
+        for step in range(start_step + 1, config.num_train_steps + 1):
+            batch = parallel.shard_batch(next(train_iter), job.mesh)
+            state, metrics = train_step(state, batch, train_key)
+            pending_metrics.append(metrics)
+
+            if step % config.log_every_steps == 0 or step == config.num_train_steps:
+                summary = _summarize(pending_metrics)
+                pending_metrics = []
+                now = time.monotonic()
+                steps_per_sec = (step - last_log[0]) / max(now - last_log[1], 1e-9)
+                last_log = (step, now)
+                summary.update(steps_per_sec=steps_per_sec, images_per_sec=steps_per_sec * config.batch_size)
+                writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
+                progress.update(step, {"loss": summary["loss"], "grad_norm": summary["grad_norm"]})
+                if summary["consecutive_nonfinite"] >= config.max_consecutive_nonfinite:
+                    ckpt.wait_until_finished()
+                    ckpt.close()
+                    writer.close()
+                    raise FloatingPointError(
+                        f"Stopping at step {step}: the last {int(summary['consecutive_nonfinite'])} updates "
+                        f"had a NaN/Inf loss or gradient and were skipped (config.max_consecutive_nonfinite="
+                        f"{config.max_consecutive_nonfinite}). The last good checkpoint, step "
+                        f"{ckpt.latest_step()}, is kept in {ckpt.directory}. Try a lower learning rate, "
+                        "gradient clipping, or float32 compute.")
+            else:
+                progress.update(step, {})
+
+            if config.eval_every_steps and step % config.eval_every_steps == 0 and step < config.num_train_steps:
+                if config.eval.num_batches_during_training:
+                    result = job.nll_over_split(nll_fn, state, job.eval_key,
+                                                max_batches=config.eval.num_batches_during_training)
+                    writer.write_scalars(step, {"eval/nll_bpd": result["nll_bpd"]})
+                    logger.info("Step %d: NLL %.4f bits/dim on %d test images.", step,
+                                result["nll_bpd"], result["num_examples"])
+                write_samples(step)
+
+            ckpt.save(step, state, data_iterator=train_iter)
+            if stop.requested or parallel.reached_preemption_sync_point(step):
+                stopped_early = True
+                break
+
+    # --- 5. Final checkpoint, samples and NLL -------------------------------------
+    if ckpt.latest_step() != step:
+        ckpt.save(step, state, data_iterator=train_iter, force=True)
+    ckpt.wait_until_finished()
+    if stopped_early:
+        logger.warning("Stopped at step %d on a signal; checkpoint saved in %s.", step, ckpt.directory)
+    else:
+        write_samples(step)
+        if config.eval.nll_at_end:
+            result = job.nll_over_split(nll_fn, state, job.eval_key)
+            result.update(step=step, split=config.data.eval_split, dataset=config.data.name)
+            writer.write_scalars(step, {"eval/nll_bpd": result["nll_bpd"]})
+            _write_json(os.path.join(workdir, NLL_FILENAME), result)
+            logger.info("Test NLL at step %d: %.4f bits/dim over %d images.", step, result["nll_bpd"],
+                        result["num_examples"])
+    ckpt.close()
+    writer.close()
+    return state
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """NLL in bits/dim over the whole eval split, with the latest checkpoint's EMA parameters.
+
+    The split is spread over all devices of all processes. Writes
+    ``workdir/nll.json`` and the TensorBoard scalar ``eval/nll_bpd``.
+
+    Returns:
+      ``{"nll_bpd", "num_examples", "step", "split", "dataset"}``.
+    """
+    _, job = _setup(config, workdir)
+    state = _restore_for_inference(job, workdir)
+    step = int(state.step)
+    result = job.nll_over_split(job.nll_program(), state, job.eval_key)
+    result.update(step=step, split=config.data.eval_split, dataset=config.data.name)
+    _write_json(os.path.join(workdir, NLL_FILENAME), result)
+    with metric_writers.MetricWriter(os.path.join(workdir, TENSORBOARD_SUBDIR)) as writer:
+        writer.write_scalars(step, {"eval/nll_bpd": result["nll_bpd"]})
+    logger.info("Test NLL at step %d: %.4f bits/dim over %d images.", step, result["nll_bpd"],
+                result["num_examples"])
+    return result
+
+
+def sample(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    num_images: int | None = None,
+    sampler: str | None = None,
+    num_steps: int | None = None,
+) -> np.ndarray:
+    """Draws images with the latest checkpoint's EMA parameters.
+
+    Writes ``workdir/samples/sample_step<S>_<sampler><steps>.png`` (a grid)
+    and ``.npz`` (``images``: float32 ``[N, H, W, C]`` in [-1, 1]).
+
+    Args:
+      config: the run's config; ``sample.*`` gives the defaults.
+      workdir: the run's workdir.
+      num_images, sampler, num_steps: override ``config.sample``.
+
+    Returns:
+      The images, float32 ``[num_images, H, W, C]`` in [-1, 1].
+    """
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        if num_images is not None:
+            config.sample.num_images = num_images
+        if sampler is not None:
+            config.sample.sampler = sampler
+        if num_steps is not None:
+            config.sample.num_steps = num_steps
+    if config.sample.num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {config.sample.num_images}")
+    _, job = _setup(config, workdir)
+    state = _restore_for_inference(job, workdir)
+    step = int(state.step)
+    s = config.sample
+    program = job.sample_program(s.num_images, sampler=s.sampler, num_steps=s.num_steps)
+    images = parallel.to_host(program(state.ema_params, state.schedule_params,
+                                      jax.random.fold_in(job.sample_key, step)))[:s.num_images]
+    steps = s.num_steps or config.diffusion.num_timesteps
+    with metric_writers.MetricWriter(os.path.join(workdir, TENSORBOARD_SUBDIR)) as writer:
+        path = _save_samples(workdir, f"sample_step{step}_{s.sampler}{steps}", images, writer, step,
+                             with_npz=True)
+    logger.info("Wrote %d samples to %s.", s.num_images, path)
+    return images

@@ -1,0 +1,238 @@
+"""Tests for benchmarks/: the scripts run and report, the workloads match the peers', and
+the speed changes they led to keep the math.
+
+No timing is asserted: throughput depends on the machine and its load. The
+scripts are run in-process on a still smaller "smoke" workload (added to the
+workload table for the test) so that each finishes in seconds on 8 simulated
+CPU devices.
+"""
+
+import dataclasses
+import io
+import json
+import sys
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH_DIR))
+
+import _report  # noqa: E402
+import sample_throughput  # noqa: E402
+import train_throughput  # noqa: E402
+import workloads  # noqa: E402
+
+from diffusion_jax.models import UNet, UNetConfig  # noqa: E402
+from diffusion_jax.models.unet import conv_weight_grad_by_taps  # noqa: E402
+
+# One level (plus the middle block's attention): compiles in seconds.
+SMOKE = workloads.Workload(
+    name="smoke", image_size=8, channels=1,
+    unet=UNetConfig(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.1),
+    batch_cpu=8, batch_gpu=8, timesteps=100)
+
+
+@pytest.fixture
+def smoke_workload(monkeypatch):
+    monkeypatch.setitem(workloads.WORKLOADS, "smoke", SMOKE)
+    return SMOKE
+
+
+def _records(main, argv):
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(argv) == 0
+    lines = out.getvalue().splitlines()
+    records = _report.parse_records(lines)
+    assert len(records) == len(lines), f"every stdout line must be a record: {lines}"
+    return records
+
+
+# --- the scripts run and report what the issue asks for --------------------------------
+
+
+TRAIN_FIELDS = ("impl", "task", "workload", "device", "batch", "dtype", "img_per_s", "img_per_s_spread",
+                "median_s_per_step", "compile_s", "flops_per_img", "mfu", "peak_mem_bytes", "versions")
+
+
+def test_train_throughput_reports_one_record_per_measurement(smoke_workload):
+    n = jax.device_count()
+    recs = _records(train_throughput.main, [
+        "--workload", "smoke", "--batch", str(n), "--repeats", "2", "--steps", "2", "--warmup", "1",
+        "--steps-per-dispatch", "2"])
+    assert len(recs) == 1
+    for r in recs:
+        for field in TRAIN_FIELDS:
+            assert field in r, field
+        assert (r["impl"], r["task"], r["workload"], r["batch"]) == ("diffusion_jax", "train", "smoke", n)
+        assert r["img_per_s"] > 0 and r["img_per_s_spread"][0] <= r["img_per_s"] <= r["img_per_s_spread"][1]
+        assert r["num_devices"] == n and r["steps_per_dispatch"] == 2
+        assert r["params"] == sum(x.size for x in jax.tree.leaves(_param_shapes(SMOKE)))
+        # Forward + backward of a UNet costs at least 2 x 2 x (its multiply-adds); a
+        # lower bound from the convolutions alone: conv_in (1 -> 32 channels at 8x8).
+        assert r["flops_per_img"] > 3 * 2 * (8 * 8 * 9 * 1 * 32)
+        assert r["mfu"] is None or 0 < r["mfu"] < 1
+        assert r["peak_mem_bytes"] > 0
+
+
+def test_train_throughput_sweeps_batches_and_dtypes():
+    args = train_throughput.parse_args(["--workload", "tiny", "--batch", "8", "16", "--batch", "32",
+                                        "--dtype", "float32", "bfloat16"])
+    assert args.batch == [8, 16, 32] and args.dtype == ["float32", "bfloat16"]
+
+
+def test_train_throughput_rejects_bad_flags():
+    with pytest.raises(SystemExit):
+        train_throughput.parse_args(["--workload", "tiny", "--steps", "3", "--steps-per-dispatch", "2"])
+    with pytest.raises(SystemExit):
+        train_throughput.parse_args(["--workload", "nope"])
+    with pytest.raises(SystemExit):
+        train_throughput.parse_args(["--workload", "tiny", "--batch", "0"])
+
+
+def test_sample_throughput_reports_and_compile_scaling(smoke_workload):
+    n = jax.device_count()
+    (r,) = _records(sample_throughput.main, [
+        "--workload", "smoke", "--batch", str(n), "--sampler", "dpmpp", "--num-steps", "3",
+        "--repeats", "1", "--warmup", "0"])
+    for field in ("impl", "task", "workload", "device", "batch", "dtype", "img_per_s", "img_per_s_spread",
+                  "sampler", "num_steps", "wall_s", "compile_s", "versions"):
+        assert field in r, field
+    assert (r["task"], r["sampler"], r["num_steps"]) == ("sample", "dpm_solver++", 3)
+    assert r["wall_s"] > 0 and r["img_per_s"] == pytest.approx(n / r["wall_s"], rel=1e-3)
+
+    recs = _records(sample_throughput.main, ["--workload", "smoke", "--batch", str(n), "--compile-scaling"])
+    assert [x["num_steps"] for x in recs] == [10, 100]  # 1000 is capped by the smoke schedule's T
+    assert all(x["compile_s"] > 0 and x["img_per_s"] is None for x in recs)
+
+
+def test_sample_throughput_rejects_bad_flags():
+    with pytest.raises(SystemExit):
+        sample_throughput.parse_args(["--workload", "tiny", "--num-steps", "1001"])
+    with pytest.raises(SystemExit):
+        sample_throughput.parse_args(["--workload", "tiny", "--compile-scaling", "--num-steps", "10"])
+
+
+def test_steps_per_dispatch_equals_single_steps(smoke_workload):
+    """K steps in one scanned call give the same state as K calls of one step."""
+    from diffusion_jax import parallel
+
+    mesh = parallel.make_mesh()
+    n = jax.device_count()
+    single, tx = train_throughput.build_step(SMOKE, "float32", 1, None, mesh)
+    double, _ = train_throughput.build_step(SMOKE, "float32", 2, None, mesh)
+    key = jax.device_put(jax.random.key(3), parallel.replicated_sharding(mesh))
+    batches = train_throughput.synthetic_batch(SMOKE, n, 2, mesh, seed=0)
+    state, _ = train_throughput.init_state(tx, SMOKE, mesh, seed=0)
+
+    s_one = state
+    for k in range(2):
+        s_one, _ = single(s_one, jax.tree.map(lambda b, k=k: b[k], batches), key)
+    state, _ = train_throughput.init_state(tx, SMOKE, mesh, seed=0)  # the first was donated
+    s_two, _ = double(state, batches, key)
+    assert int(s_two.step) == int(s_one.step) == 2
+    for a, b in zip(jax.tree.leaves(s_one.params), jax.tree.leaves(s_two.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+# --- the workloads are the peers' ------------------------------------------------------
+
+
+def _param_shapes(w):
+    x = jax.ShapeDtypeStruct((1, *w.image_shape), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    return jax.eval_shape(lambda k, x, t: UNet(w.unet).init(k, x, t, train=False),
+                          jax.random.key(0), x, t)["params"]
+
+
+def test_ddpm_cifar10_workload_is_the_35_7m_model():
+    w = workloads.get_workload("ddpm_cifar10")
+    assert sum(x.size for x in jax.tree.leaves(_param_shapes(w))) == 35_746_307  # Ho et al. 2020, App. B
+    with pytest.raises(ValueError, match="unknown workload"):
+        workloads.get_workload("cifar")
+
+
+def test_workloads_match_the_peers_table():
+    pytest.importorskip("torch")
+    sys.path.insert(0, str(BENCH_DIR / "peers"))
+    import _torch_harness
+
+    assert set(_torch_harness.WORKLOADS) == set(workloads.WORKLOADS)
+    for name, theirs in _torch_harness.WORKLOADS.items():
+        ours = workloads.WORKLOADS[name]
+        u = ours.unet
+        assert (ours.image_size, ours.channels, ours.batch_cpu, ours.batch_gpu) == \
+            (theirs.image_size, theirs.channels, theirs.batch_cpu, theirs.batch_gpu)
+        assert (ours.timesteps, ours.beta_start, ours.beta_end) == \
+            (theirs.timesteps, theirs.beta_start, theirs.beta_end)
+        assert (u.ch, u.ch_mult, u.num_res_blocks, u.attn_resolutions, u.dropout, u.num_head_channels,
+                u.scale_shift_norm, u.resblock_updown) == \
+            (theirs.ch, theirs.ch_mult, theirs.num_res_blocks, theirs.attn_resolutions, theirs.dropout,
+             theirs.num_head_channels, theirs.scale_shift_norm, theirs.resblock_updown)
+        assert u.num_heads == 1  # DDPM: one head over all channels when num_head_channels is None
+
+
+def test_tiny_workload_has_the_parameter_count_of_diffusers_unet2dmodel():
+    pytest.importorskip("diffusers")
+    sys.path.insert(0, str(BENCH_DIR / "peers"))
+    import _torch_harness
+    import diffusers_bench
+
+    w = workloads.get_workload("tiny")
+    theirs = diffusers_bench.build_unet(_torch_harness.WORKLOADS["tiny"])
+    assert sum(x.size for x in jax.tree.leaves(_param_shapes(w))) == _torch_harness.count_params(theirs)
+
+
+# --- the speed change keeps the math: the convolution weight gradient by taps -----------
+
+
+@pytest.mark.parametrize("stride,size", [(1, 6), (2, 6), (2, 5)])
+def test_conv_weight_grad_by_taps_matches_the_convolution_vjp(stride, size):
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+    conv = lambda w: jax.lax.conv_general_dilated(  # noqa: E731
+        x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y, vjp = jax.vjp(conv, w)
+    g = jax.random.normal(jax.random.key(2), y.shape)
+    pads = jax.lax.padtype_to_pads((size, size), (3, 3), (stride, stride), "SAME")
+    got = jax.jit(conv_weight_grad_by_taps, static_argnums=(2, 3, 4))(
+        x, g, (3, 3), (stride, stride), tuple(map(tuple, pads)))
+    np.testing.assert_allclose(got, vjp(g)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_conv_weight_grad_by_taps_by_hand():
+    # 1 image, 2x2, one channel, stride 1, SAME: dw[i, j] = sum_pq xp[p + i, q + j] g[p, q].
+    x = jnp.array([1.0, 2.0, 3.0, 4.0]).reshape(1, 2, 2, 1)
+    g = jnp.array([1.0, 0.0, 0.0, 2.0]).reshape(1, 2, 2, 1)
+    xp = np.pad(np.array([[1.0, 2.0], [3.0, 4.0]]), 1)
+    want = np.array([[xp[i, j] * 1.0 + xp[i + 1, j + 1] * 2.0 for j in range(3)] for i in range(3)])
+    got = conv_weight_grad_by_taps(x, g, (3, 3), (1, 1), ((1, 1), (1, 1)))
+    np.testing.assert_allclose(got[:, :, 0, 0], want)
+    assert want[1, 1] == 1.0 * 1.0 + 4.0 * 2.0  # the centre tap pairs x with g in place
+
+
+def test_unet_gradient_is_the_same_with_either_weight_gradient():
+    cfg = dataclasses.replace(SMOKE.unet, dropout=0.0)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+    t = jnp.array([3, 70])
+    params = UNet(cfg).init(jax.random.key(1), x, t, train=False)["params"]
+    # Perturb so the zero-initialised output layers do not zero most gradients.
+    params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), params)
+
+    def grads(choice):
+        model = UNet(dataclasses.replace(cfg, conv_weight_grad=choice))
+        return jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x, t, train=False) ** 2)))(params)
+
+    ref, taps = grads("xla"), grads("taps")
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(taps)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(a))) + 1e-7)
+
+
+def test_unet_config_rejects_unknown_weight_gradient():
+    with pytest.raises(ValueError, match="conv_weight_grad"):
+        UNetConfig(conv_weight_grad="fast")

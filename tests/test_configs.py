@@ -1,0 +1,159 @@
+"""Every config in configs/ loads and validates; bad fields give errors naming them."""
+import importlib
+import os
+import pathlib
+
+import pytest
+
+from configs import default
+from diffusion_jax.training import trainer
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+CONFIG_NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "__init__")
+
+
+def _load(name):
+    return importlib.import_module(f"configs.{name}").get_config()
+
+
+def test_the_expected_configs_exist():
+    assert {"default", "digits", "cifar10", "cifar10_improved", "cifar10_cond"} <= set(CONFIG_NAMES)
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_config_loads_and_validates(name, tmp_path):
+    config = _load(name)
+    trainer.validate_config(config, device_count=1, workdir=str(tmp_path))
+    trainer.validate_config(config, device_count=8, process_count=2)
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_configs_only_override_fields_of_the_default(name):
+    """A typo in a config file would add a field that nothing reads."""
+    def keys(d, prefix=""):
+        out = set()
+        for k, v in d.items():
+            out.add(prefix + k)
+            if isinstance(v, dict) and k != "schedule_kwargs":
+                out |= keys(v, prefix + k + ".")
+        return out
+    assert keys(_load(name).to_dict()) == keys(default.get_config().to_dict())
+
+
+def test_cifar10_is_the_ddpm_paper_recipe():
+    """Ho et al. 2020, sec. 4 and App. B."""
+    c = _load("cifar10")
+    assert c.data.name == "cifar10" and c.data.image_size == 32 and c.data.random_flip is True
+    assert c.diffusion.num_timesteps == 1000
+    assert c.diffusion.schedule == "linear" and c.diffusion.schedule_kwargs.to_dict() == {}
+    assert (c.diffusion.prediction, c.diffusion.variance, c.diffusion.loss) == ("eps", "fixed_large", "simple")
+    assert c.diffusion.learned_schedule is False and c.diffusion.timestep_sampler == "uniform"
+    assert c.diffusion.min_snr_gamma is None
+    assert c.optim.learning_rate == 2e-4 and c.optim.warmup_steps == 5000
+    assert c.optim.grad_clip == 1.0 and c.optim.weight_decay == 0.0 and c.optim.decay == "constant"
+    assert (c.optim.b1, c.optim.b2) == (0.9, 0.999)
+    assert c.batch_size == 128 and c.ema_decay == 0.9999 and c.num_train_steps == 800_000
+    assert c.model.ch == 128 and tuple(c.model.ch_mult) == (1, 2, 2, 2)
+    assert c.model.num_res_blocks == 2 and tuple(c.model.attn_resolutions) == (16,)
+    assert c.model.dropout == 0.1 and c.model.num_classes is None
+    assert c.model.scale_shift_norm is False and c.model.resblock_updown is False
+    assert c.cond_drop_rate == 0.0 and c.compute_dtype == "float32"
+    # The linear schedule's ends: beta_1 = 1e-4, beta_T = 0.02.
+    import diffusion_jax as dj
+    betas = dj.make_schedule(c.diffusion.schedule, c.diffusion.num_timesteps).betas
+    assert abs(float(betas[0]) - 1e-4) < 1e-9 and abs(float(betas[-1]) - 0.02) < 1e-7
+
+
+def test_improved_and_conditional_variants():
+    imp = _load("cifar10_improved")
+    assert (imp.diffusion.schedule, imp.diffusion.loss, imp.diffusion.variance) == (
+        "cosine", "hybrid", "learned_range")
+    assert imp.optim.learning_rate == 1e-4 and imp.model.dropout == 0.3
+    assert imp.diffusion.num_timesteps == 4000
+    cond = _load("cifar10_cond")
+    assert cond.model.num_classes == 10 and cond.cond_drop_rate == 0.1
+    assert cond.sample.guidance_scale > 0
+
+
+def _bad(mutate, match, error=ValueError, *, device_count=1, **kwargs):
+    config = _load("cifar10")
+    mutate(config)
+    with pytest.raises(error, match=match):
+        trainer.validate_config(config, device_count=device_count, **kwargs)
+
+
+def test_image_size_must_fit_the_downsamplings():
+    def mutate(c):
+        c.data.image_size = 36  # 3 downsamplings need a multiple of 8
+    _bad(mutate, r"config\.data\.image_size.*36.*2\*\*3")
+
+
+def test_batch_must_divide_over_devices_and_processes():
+    def mutate(c):
+        c.batch_size = 12
+    _bad(mutate, r"config\.batch_size.*12.*8 devices", device_count=8)
+    _bad(mutate, r"config\.batch_size.*12.*5 processes", device_count=1, process_count=5)
+
+
+def test_zero_timesteps():
+    def mutate(c):
+        c.diffusion.num_timesteps = 0
+    _bad(mutate, r"config\.diffusion\.num_timesteps.*>= 1")
+
+
+def test_beta_range():
+    def mutate(c):
+        c.diffusion.schedule_kwargs.beta_end = 2.0
+    _bad(mutate, r"config\.diffusion\.schedule.*\(0, 1\)")
+
+
+@pytest.mark.parametrize("field,value", [
+    ("diffusion.schedule", "quadratic"),
+    ("diffusion.loss", "l1"),
+    ("diffusion.prediction", "score"),
+    ("diffusion.variance", "learned"),
+    ("diffusion.timestep_sampler", "loss_aware"),
+    ("sample.sampler", "euler"),
+    ("optim.decay", "step"),
+    ("compute_dtype", "float16"),
+])
+def test_unknown_names(field, value):
+    def mutate(c):
+        section, _, leaf = field.rpartition(".")
+        (c[section] if section else c)[leaf] = value
+    _bad(mutate, rf"config\.{field}.*{value!r}")
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("ema_decay", 1.5, r"config\.ema_decay"),
+    ("sample.num_steps", 2000, r"config\.sample\.num_steps.*2000"),
+    ("model.ch", 48, r"config\.model.*ch"),
+    ("model.attn_resolutions", (64,), r"config\.model\.attn_resolutions.*64"),
+    ("sample.guidance_scale", 1.0, r"config\.sample\.guidance_scale.*num_classes"),
+    ("cond_drop_rate", 0.1, r"config\.cond_drop_rate.*num_classes"),
+])
+def test_bad_values(field, value, match):
+    def mutate(c):
+        section, _, leaf = field.rpartition(".")
+        (c[section] if section else c)[leaf] = value
+    _bad(mutate, match, device_count=8)
+
+
+def test_learned_variance_needs_a_loss_that_trains_it():
+    def mutate(c):
+        c.diffusion.variance = "learned_range"
+    _bad(mutate, r"config\.diffusion\.variance.*hybrid")
+
+
+def test_unwritable_workdir(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    _bad(lambda c: None, r"workdir .*a_file.* not writable", workdir=str(blocker / "run"))
+
+
+def test_unknown_dataset_is_reported_before_compiling(tmp_path):
+    config = _load("digits")
+    config.data.name = "no_such_dataset_xyz"
+    with pytest.raises(ValueError, match="no_such_dataset_xyz"):
+        trainer.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")

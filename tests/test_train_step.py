@@ -1,0 +1,176 @@
+"""The data-parallel training step: device-count invariance, non-finite skips, EMA.
+
+Runs on the 8 simulated CPU devices of conftest.py. The model is a tiny UNet
+on 4x4 images so each compile takes seconds.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import diffusion_jax as dj
+from diffusion_jax import parallel
+from diffusion_jax.models import UNet, UNetConfig
+from diffusion_jax.training.state import OptimConfig, create_train_state, ema_update, make_optimizer
+from diffusion_jax.training.step import LossConfig, make_train_step
+
+T = 100
+GLOBAL_BATCH = 16
+EMA_DECAY = 0.9
+PEAK_LR = 1e-3
+WARMUP = 4
+
+
+def _batch(seed=1, nan_example=None):
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(-1, 1, (GLOBAL_BATCH, 4, 4, 1)).astype(np.float32)
+    if nan_example is not None:
+        images[nan_example] = np.nan
+    return {"image": images, "label": rng.integers(0, 3, GLOBAL_BATCH).astype(np.int32)}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """A conditional model with label dropout, hybrid loss, learned variance and importance sampling.
+
+    Every code path of the step that touches randomness or crosses devices.
+    """
+    model = UNet(UNetConfig(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
+                            out_channels=2, num_classes=3))
+    schedule = dj.make_schedule("linear", T)
+    tx, lr = make_optimizer(OptimConfig(learning_rate=PEAK_LR, warmup_steps=WARMUP, grad_clip=1.0))
+    loss_config = LossConfig(loss="hybrid", variance="learned_range", timestep_sampler="importance",
+                             num_classes=3, cond_drop_rate=0.3)
+    step_fn = make_train_step(model, schedule, tx, lr, ema_decay=EMA_DECAY, loss_config=loss_config)
+    x = jnp.zeros((1, 4, 4, 1))
+    params = model.init(jax.random.PRNGKey(0), x, jnp.zeros((1,), jnp.int32),
+                        jnp.zeros((1,), jnp.int32), train=False)["params"]
+    # history_per_term=1 so the importance sampler leaves its uniform warm-up
+    # within the test's steps and really draws from the history.
+    state = create_train_state(params, tx, loss_history=dj.init_loss_history(T, history_per_term=1))
+    return step_fn, state
+
+
+def _mapped(step_fn, mesh):
+    return parallel.data_parallel(step_fn, mesh, in_specs=(P(), P("data"), P()), out_specs=(P(), P()))
+
+
+def _run(fn, state, mesh, batches):
+    state = parallel.replicate(state, mesh)
+    key = jax.random.PRNGKey(42)
+    metrics = []
+    for batch in batches:
+        state, m = fn(state, parallel.shard_batch(batch, mesh), key)
+        metrics.append(jax.device_get(m))
+    return jax.device_get(state), metrics
+
+
+@pytest.fixture(scope="module")
+def eight_device_mesh():
+    assert jax.device_count() == 8, "conftest.py should give 8 simulated CPU devices"
+    return parallel.make_mesh()
+
+
+@pytest.fixture(scope="module")
+def step_on_eight(setup, eight_device_mesh):
+    """The jitted step on 8 devices, compiled once for the module."""
+    return _mapped(setup[0], eight_device_mesh)
+
+
+def test_same_step_on_one_and_eight_devices(setup, eight_device_mesh, step_on_eight):
+    step_fn, state = setup
+    batches = [_batch(seed) for seed in range(3)]
+    one_device_mesh = parallel.make_mesh(jax.devices()[:1])
+    one, metrics_one = _run(_mapped(step_fn, one_device_mesh), state, one_device_mesh, batches)
+    eight, metrics_eight = _run(step_on_eight, state, eight_device_mesh, batches)
+
+    assert int(one.step) == int(eight.step) == 3
+    # The importance sampler left its warm-up: the history saw every batch.
+    assert int(np.sum(eight.loss_history.counts)) == 3 * GLOBAL_BATCH
+    for name in ("params", "ema_params", "opt_state", "loss_history"):
+        jax.tree.map(lambda a, b, name=name: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name),
+                     getattr(one, name), getattr(eight, name))
+    for m1, m8 in zip(metrics_one, metrics_eight):
+        for key in ("loss", "grad_norm", "loss_q0", "loss_q3"):
+            np.testing.assert_allclose(m1[key], m8[key], rtol=1e-5, err_msg=key)
+    # The step really trained something.
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.max(np.abs(a - b)), one.params,
+                                         jax.device_get(state.params)))
+    assert max(moved) > 1e-4
+
+
+def test_nonfinite_batch_skips_the_update_and_is_counted(setup, eight_device_mesh, step_on_eight):
+    _, state = setup
+    mesh, fn = eight_device_mesh, step_on_eight
+    key = jax.random.PRNGKey(0)
+    state = parallel.replicate(state, mesh)
+    state, _ = fn(state, parallel.shard_batch(_batch(0), mesh), key)
+    before = jax.device_get(state)
+
+    # One NaN image on one device poisons the global mean loss.
+    state, metrics = fn(state, parallel.shard_batch(_batch(1, nan_example=5), mesh), key)
+    after = jax.device_get(state)
+    assert not np.isfinite(metrics["loss"])
+    assert float(metrics["nonfinite"]) == 1.0
+    assert int(after.step) == int(before.step) + 1
+    assert int(after.nonfinite_count) == 1 and int(after.consecutive_nonfinite) == 1
+    for name in ("params", "ema_params", "opt_state", "loss_history"):
+        jax.tree.map(lambda a, b, name=name: np.testing.assert_array_equal(a, b, err_msg=name),
+                     getattr(before, name), getattr(after, name))
+
+    state, _ = fn(state, parallel.shard_batch(_batch(1, nan_example=0), mesh), key)
+    assert int(state.consecutive_nonfinite) == 2
+    # A good batch updates again, resets the run of skips, keeps the total.
+    state, metrics = fn(state, parallel.shard_batch(_batch(2), mesh), key)
+    final = jax.device_get(state)
+    assert float(metrics["nonfinite"]) == 0.0
+    assert int(final.nonfinite_count) == 2 and int(final.consecutive_nonfinite) == 0
+    assert not np.array_equal(final.params["conv_out"]["kernel"], after.params["conv_out"]["kernel"])
+    # Skipped steps do not advance the schedule: this is the 2nd applied update,
+    # made with the warmup's lr(1) = PEAK_LR * 1 / WARMUP.
+    np.testing.assert_allclose(metrics["lr"], PEAK_LR * 1 / WARMUP, rtol=1e-6)
+
+
+def test_ema_follows_the_closed_form(setup, eight_device_mesh, step_on_eight):
+    _, state = setup
+    mesh, fn = eight_device_mesh, step_on_eight
+    state = parallel.replicate(state, mesh)
+    state, _ = fn(state, parallel.shard_batch(_batch(0), mesh), jax.random.PRNGKey(0))
+    old = jax.device_get(state)
+    state, _ = fn(state, parallel.shard_batch(_batch(1), mesh), jax.random.PRNGKey(0))
+    new = jax.device_get(state)
+    # ema' = d ema + (1 - d) params', with params' the updated parameters.
+    jax.tree.map(lambda e0, p1, e1: np.testing.assert_allclose(
+        e1, EMA_DECAY * e0 + (1 - EMA_DECAY) * p1, rtol=1e-6, atol=1e-7),
+        old.ema_params, new.params, new.ema_params)
+
+
+def test_ema_update_by_hand():
+    ema = {"w": jnp.array([1.0, 2.0])}
+    new = {"w": jnp.array([3.0, 5.0])}
+    out = jax.jit(ema_update)(ema, new, 0.9)
+    np.testing.assert_allclose(out["w"], [0.9 * 1 + 0.1 * 3, 0.9 * 2 + 0.1 * 5], rtol=1e-6)
+
+
+def test_learning_rate_warmup_and_cosine_by_hand():
+    tx, lr = make_optimizer(OptimConfig(learning_rate=1e-3, warmup_steps=10, decay="cosine",
+                                        total_steps=110))
+    np.testing.assert_allclose([lr(0), lr(5), lr(10)], [0.0, 5e-4, 1e-3], rtol=1e-6)
+    # Half way through the decay: 1e-3 * (1 + cos(pi / 2)) / 2.
+    np.testing.assert_allclose(lr(60), 5e-4, rtol=1e-5)
+    np.testing.assert_allclose(lr(110), 0.0, atol=1e-9)
+    assert isinstance(tx, optax.GradientTransformation)
+
+
+def test_optim_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="decay"):
+        OptimConfig(decay="linear")
+    with pytest.raises(ValueError, match="b2"):
+        OptimConfig(b2=1.0)
+
+
+def test_label_dropout_needs_classes():
+    with pytest.raises(ValueError, match="num_classes"):
+        LossConfig(cond_drop_rate=0.1)

@@ -1,0 +1,47 @@
+"""Trains, evaluates or samples a diffusion model; see configs/ for the settings.
+
+    python train.py --config=configs/digits.py --workdir=runs/digits
+    python train.py --config=configs/digits.py --workdir=runs/digits --mode=evaluate
+    python train.py --config=configs/digits.py --workdir=runs/digits --mode=sample \
+        --num_images=100 --sampler=ddim --num_steps=50
+
+Any config field can be overridden: --config.batch_size=64 --config.model.ch=64.
+"""
+import logging
+
+from absl import app
+from absl import flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from diffusion_jax.training import trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and the NLL.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "sample"], "What to run.")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", None, "--mode=sample: images to draw (default: config.sample).")
+_SAMPLER = flags.DEFINE_string("sampler", None, "--mode=sample: ddpm, ddim or dpm_solver++ (default: config.sample).")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "--mode=sample: sampling steps (default: config.sample).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    # Our progress and results at INFO; other libraries (Orbax) at WARNING
+    # unless --verbosity is given.
+    if not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("diffusion_jax").setLevel(logging.INFO)
+    if _MODE.value == "train":
+        trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    elif _MODE.value == "evaluate":
+        trainer.evaluate(_CONFIG.value, _WORKDIR.value)
+    else:
+        trainer.sample(_CONFIG.value, _WORKDIR.value, num_images=_NUM_IMAGES.value,
+                       sampler=_SAMPLER.value, num_steps=_NUM_STEPS.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
