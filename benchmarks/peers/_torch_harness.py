@@ -38,11 +38,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/_report.py
 import _report  # noqa: E402
 
+# The peers draw a tqdm bar per sampler run; tqdm reads this once, when it is
+# first imported, which `import torch` already does.
+os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 
 LEARNING_RATE = 2e-4
 SAMPLERS = ("ddpm", "ddim", "dpmpp")
 DEFAULT_NUM_STEPS = {"ddpm": 1000, "ddim": 50, "dpmpp": 20}
+# Environment variables that change CPU threading; recorded when set.
+THREADING_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "KMP_BLOCKTIME", "GOMP_SPINCOUNT")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,6 +318,9 @@ def record(impl: str, args: argparse.Namespace, device: torch.device, *, params:
         "versions": {"python": platform.python_version(), "torch": torch.__version__, **versions},
         "notes": notes,
     })
+    env = {k: os.environ[k] for k in THREADING_ENV if k in os.environ}
+    if env:
+        rec["env"] = env
     if rec["steps"] is None:
         del rec["steps"]
     return rec
@@ -320,8 +328,3 @@ def record(impl: str, args: argparse.Namespace, device: torch.device, *, params:
 
 def emit(rec: dict[str, Any]) -> None:
     _report.emit(rec)
-
-
-def quiet_progress_bars() -> None:
-    """Silences tqdm bars (the peers draw one per sampler run) before they import it."""
-    os.environ.setdefault("TQDM_DISABLE", "1")

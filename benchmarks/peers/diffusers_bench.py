@@ -24,8 +24,6 @@ from typing import Any
 
 import _torch_harness as harness
 
-harness.quiet_progress_bars()
-
 import diffusers  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -36,8 +36,6 @@ from typing import Any
 
 import _torch_harness as harness
 
-harness.quiet_progress_bars()
-
 import torch  # noqa: E402
 
 IMPL = "lucidrains"
