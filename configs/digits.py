@@ -1,14 +1,19 @@
-"""The offline CPU run: scikit-learn's handwritten digits, 16x16 grayscale.
+"""The offline CPU run: scikit-learn's handwritten digits, 8x8 grayscale.
 
     python train.py --config=configs/digits.py --workdir=runs/digits
 
 Needs no network and no accelerator: the digits ship with scikit-learn and
 are prepared as a TFDS dataset on first use. A small UNet (channels 32/64, one
-residual block per resolution, attention at 8x8, no dropout) trained for a
-few thousand steps draws recognisable digits. At the end the run writes a
+residual block per resolution, attention at 4x4, no dropout) trained for
+3000 steps draws recognisable digits. At the end the run writes a
 sample grid (DPM-Solver++, 25 steps) and the test-set NLL over all 297 test
-images with the full T-step bound (nll.json). The sizes were chosen so the
-whole command takes about ten minutes on 2 CPU cores, compilation included.
+images with the full T = 1000-step bound (nll.json).
+
+Cost on 2 CPU cores, compilation included: about 10-13 training steps/s
+(batch 64) and ~2 minutes for the NLL (297 x 1000 UNet evaluations), so
+about 7 minutes in all on idle cores (19 minutes measured on a 2-core machine
+shared with ~8 other busy processes). Result of that run: recognisable digits
+and a test NLL of 4.76 bits/dim.
 """
 from configs import default
 
@@ -22,7 +27,7 @@ def get_config():
     config.data.image_size = 8
     config.data.random_flip = False  # digits are not mirror-symmetric
 
-    config.num_train_steps = 4000
+    config.num_train_steps = 3000
     config.batch_size = 64
     config.log_every_steps = 100
     config.checkpoint_every_steps = 1000

@@ -4,6 +4,7 @@ The math is pure functions of arrays and a :class:`DiffusionSchedule` pytree;
 jit, vmap and device mapping are the caller's (see ``diffusion_jax.training``).
 """
 
+from diffusion_jax._checks import PREDICTIONS, VARIANCES
 from diffusion_jax.diffusion import (
     PMeanVariance,
     eps_from_prediction,
@@ -21,6 +22,7 @@ from diffusion_jax.diffusion import (
 )
 from diffusion_jax.learned_schedule import LearnedSchedule
 from diffusion_jax.losses import (
+    LOSSES,
     LossHistory,
     TrainingLosses,
     discretized_gaussian_log_likelihood,

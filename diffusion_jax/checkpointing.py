@@ -415,7 +415,7 @@ def save_config(directory: os.PathLike | str, config_dict: Mapping[str, Any]):
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f"{CONFIG_FILENAME}.tmp-{os.getpid()}"
     tmp.write_text(text + "\n")
-    tmp.rename(directory / CONFIG_FILENAME)
+    os.replace(os.fspath(tmp), os.fspath(directory / CONFIG_FILENAME))  # atomic, and overwrites
 
 
 def load_config(directory: os.PathLike | str) -> dict[str, Any]:

@@ -184,9 +184,13 @@ def make_train_step(
         loss = _global_mean(losses.loss)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-        # 4. Update; a non-finite loss or gradient keeps the old values (no host
-        #    sync: the choice is made on device and only counted).
+        # 4. Update; a non-finite loss, gradient or update keeps the old values
+        #    (no host sync: the choice is made on device and only counted). A
+        #    finite gradient can still give an update that overflows (a learning
+        #    rate far too large); its norm is checked too, so NaN/Inf parameters
+        #    are never accepted, and never checkpointed.
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        finite = finite & jnp.isfinite(optax.tree.norm(updates))
         params, schedule_params = optax.apply_updates(state.trainable, updates)
         ema_params = ema_update(state.ema_params, params, ema_decay)
         loss_history = state.loss_history

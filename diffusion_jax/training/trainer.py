@@ -44,7 +44,6 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 import diffusion_jax as dj
-from diffusion_jax import _checks
 from diffusion_jax import checkpointing
 from diffusion_jax import input_pipeline
 from diffusion_jax import metric_writers
@@ -200,8 +199,8 @@ def validate_config(
     d = "diffusion"
     num_timesteps = _check_int(config, f"{d}.num_timesteps", minimum=1)
     _check_choice(config, f"{d}.schedule", dj.SCHEDULE_NAMES)
-    _check_choice(config, f"{d}.prediction", _checks.PREDICTIONS)
-    _check_choice(config, f"{d}.variance", _checks.VARIANCES)
+    _check_choice(config, f"{d}.prediction", dj.PREDICTIONS)
+    _check_choice(config, f"{d}.variance", dj.VARIANCES)
     _check_choice(config, f"{d}.loss", LOSSES)
     _check_choice(config, f"{d}.timestep_sampler", TIMESTEP_SAMPLERS)
     if not isinstance(config.diffusion.learned_schedule, bool):
@@ -503,7 +502,8 @@ def _setup(config, workdir: str) -> tuple[input_pipeline.DatasetInfo, _Job]:
     parallel.maybe_initialize_distributed(config.distributed)
     validate_config(config, device_count=jax.device_count(), process_count=jax.process_count(),
                     workdir=workdir)
-    info = input_pipeline.dataset_info(_data_config(config))
+    # Data errors name the config section too (the pipeline names the dataset and file).
+    info = _reraise_as_field("data", lambda: input_pipeline.dataset_info(_data_config(config)))
     _check_data_matches(config, info)
     return info, _Job(config, info.image_shape)
 
