@@ -338,3 +338,96 @@ def test_config_accepts_lists_and_stays_hashable():
     config = UNetConfig(ch_mult=[1, 2], attn_resolutions=[8])
     assert config.ch_mult == (1, 2) and config.attn_resolutions == (8,)
     hash(config)
+
+
+# ----------------------------------------------------------------------------- group norm
+# The UNet's GroupNorm has a hand-written gradient (custom VJP), so both its value
+# and its gradient are checked against independent computations.
+
+from diffusion_jax.models.unet import GroupNorm, group_norm  # noqa: E402
+
+
+def test_group_norm_matches_numpy_float64():
+    x = np.asarray(jax.random.normal(jax.random.key(0), (2, 4, 4, 64)), np.float64) * 3 + 5
+    scale = np.linspace(0.5, 1.5, 64)
+    bias = np.linspace(-1, 1, 64)
+    got = jax.jit(group_norm, static_argnums=(3, 4))(
+        jnp.asarray(x, jnp.float32), jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32), 32, 1e-6)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, _group_norm_ref(x, scale, bias), rtol=1e-5, atol=2e-5)
+
+
+def test_group_norm_statistics_survive_a_large_offset():
+    # A one-pass E[x^2] - E[x]^2 variance in float32 loses the spread here
+    # (mean 1e4, std 1): the two-pass form keeps it.
+    x = np.asarray(jax.random.normal(jax.random.key(1), (1, 8, 8, 32)), np.float64) + 1e4
+    got = group_norm(jnp.asarray(x, jnp.float32), jnp.ones(32), jnp.zeros(32), 32, 1e-6)
+    want = _group_norm_ref(np.asarray(jnp.asarray(x, jnp.float32), np.float64), np.ones(32), np.zeros(32))
+    np.testing.assert_allclose(got, want, atol=2e-3)
+
+
+def _group_norm_by_autodiff(x, scale, bias, groups=32, eps=1e-6):
+    """The textbook formula in jnp, differentiated by JAX itself (no custom VJP)."""
+    b, h, w, c = x.shape
+    g = x.reshape(b, h * w, groups, c // groups)
+    mean = g.mean(axis=(1, 3), keepdims=True)
+    var = ((g - mean) ** 2).mean(axis=(1, 3), keepdims=True)
+    return ((g - mean) / jnp.sqrt(var + eps)).reshape(x.shape) * scale + bias
+
+
+def test_group_norm_gradient_matches_autodiff_of_the_formula():
+    x = jax.random.normal(jax.random.key(2), (3, 4, 4, 64)) * 2 + 1
+    scale = 1 + 0.3 * jax.random.normal(jax.random.key(3), (64,))
+    bias = 0.3 * jax.random.normal(jax.random.key(4), (64,))
+    # A loss that is not invariant to the normalisation (unlike sum(y)).
+    weights = jax.random.normal(jax.random.key(5), x.shape)
+
+    def loss(fn):
+        return lambda x, s, b: jnp.sum(jnp.sin(fn(x, s, b)) * weights)
+
+    got = jax.jit(jax.grad(loss(lambda x, s, b: group_norm(x, s, b, 32, 1e-6)), argnums=(0, 1, 2)))(x, scale, bias)
+    want = jax.jit(jax.grad(loss(_group_norm_by_autodiff), argnums=(0, 1, 2)))(x, scale, bias)
+    for name, g, w in zip(("x", "scale", "bias"), got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(w))), err_msg=name)
+
+
+def test_group_norm_gradient_keeps_the_input_dtype():
+    x = jax.random.normal(jax.random.key(6), (2, 4, 4, 32)).astype(jnp.bfloat16)
+    dx, ds = jax.grad(lambda x, s: jnp.sum(group_norm(x, s, jnp.zeros(32), 32, 1e-6) ** 3), argnums=(0, 1))(
+        x, jnp.ones(32))
+    assert dx.dtype == jnp.bfloat16 and ds.dtype == jnp.float32
+
+
+def test_group_norm_module_is_flax_group_norm():
+    # Same parameter names, shapes and initial values, and the same output.
+    import flax.linen as nn
+
+    x = jax.random.normal(jax.random.key(7), (2, 4, 4, 64)) * 2 - 1
+    ours, theirs = GroupNorm(num_groups=32, epsilon=1e-6), nn.GroupNorm(num_groups=32, epsilon=1e-6)
+    p_ours = ours.init(jax.random.key(0), x)["params"]
+    p_theirs = theirs.init(jax.random.key(0), x)["params"]
+    chex.assert_trees_all_equal(p_ours, p_theirs)
+    p = {"scale": jnp.linspace(0.5, 2, 64), "bias": jnp.linspace(-1, 1, 64)}
+    np.testing.assert_allclose(ours.apply({"params": p}, x), theirs.apply({"params": p}, x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="32 groups do not divide 48 channels"):
+        ours.init(jax.random.key(0), jnp.zeros((1, 2, 2, 48)))
+
+
+# ----------------------------------------------------------------------------- speed choice
+# Where "auto" computes a 3x3 convolution's weight gradient by kernel taps on CPU.
+
+from diffusion_jax.models.unet import _taps_pay_off  # noqa: E402
+
+
+@pytest.mark.parametrize("lhs,rhs,strides,want", [
+    ((32, 16, 16, 128), (3, 3, 128, 128), (1, 1), True),    # 32*16*16 = 8192 positions
+    ((32, 32, 32, 128), (3, 3, 128, 256), (1, 1), True),
+    ((32, 32, 32, 128), (3, 3, 128, 128), (2, 2), True),    # stride 2: 32*16*16 = 8192
+    ((32, 16, 16, 128), (3, 3, 128, 128), (2, 2), False),   # 32*8*8 = 2048
+    ((31, 16, 16, 128), (3, 3, 128, 128), (1, 1), False),   # 7936 positions
+    ((32, 32, 32, 3), (3, 3, 3, 128), (1, 1), False),       # the 3-channel input conv
+    ((32, 32, 32, 128), (3, 3, 128, 64), (1, 1), False),    # 64 output channels
+    ((16, 17, 17, 128), (3, 3, 128, 128), (2, 2), False),   # 16*9*9 = 1296 (SAME rounds up)
+])
+def test_tap_weight_gradient_is_chosen_by_positions_and_channels(lhs, rhs, strides, want):
+    assert _taps_pay_off(lhs, rhs, strides) is want

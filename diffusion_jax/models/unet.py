@@ -27,11 +27,11 @@ Compute dtype: parameters are float32; activations use ``UNetConfig.dtype``
 (float32 or bfloat16). GroupNorm statistics and the attention softmax are
 computed in float32 whatever the compute dtype, and the output is float32.
 
-Speed: on CPU the 3x3 convolutions' weight gradient is computed as one matmul
-per kernel tap (:func:`conv_weight_grad_by_taps`) instead of XLA's own
-backward-filter convolution, which XLA:CPU runs 2-4x below its forward
-convolution speed (see BENCHMARKS.md). The choice is ``UNetConfig.conv_weight_grad``;
-the value and the forward pass are the same either way.
+Speed: on CPU, the weight gradient of the large 3x3 convolutions is computed
+as one matmul per kernel tap (:func:`conv_weight_grad_by_taps`) instead of
+XLA's own backward-filter convolution, which XLA:CPU runs at a fifth to a
+third of its forward convolution speed on 32x32 and 16x16 maps (BENCHMARKS.md).
+The choice is ``UNetConfig.conv_weight_grad``; values are the same either way.
 """
 
 from __future__ import annotations
@@ -95,9 +95,11 @@ class UNetConfig:
         bfloat16 and a head width cuDNN supports).
       conv_weight_grad: how the gradient of the 3x3 convolution kernels is computed:
         "xla" (XLA's backward-filter convolution), "taps" (one matmul per kernel
-        tap, :func:`conv_weight_grad_by_taps`; faster on CPU), or "auto" ("taps"
-        when the default backend is the CPU, else "xla"). Speed only: the
-        gradient is the same up to float rounding.
+        tap, :func:`conv_weight_grad_by_taps`), or "auto" (on the CPU backend,
+        "taps" for the convolutions where it is faster there: >= 8192 output
+        positions per device (the per-device batch times the output map) and
+        >= 128 channels; "xla" elsewhere). Speed only:
+        the gradient is the same up to float rounding.
     """
 
     ch: int = 128
@@ -202,10 +204,98 @@ def timestep_embedding(t: jax.Array, dim: int, *, max_period: float = 10_000.0) 
     return emb
 
 
-def _group_norm(dtype, name: str) -> nn.GroupNorm:
-    # Statistics are reduced in float32 (force_float32_reductions); two-pass variance
-    # avoids E[x^2] - E[x]^2 cancellation.
-    return nn.GroupNorm(num_groups=_NUM_GROUPS, epsilon=1e-6, dtype=dtype, use_fast_variance=False, name=name)
+def _group_stats(xg: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array]:
+    """Mean and 1/std of ``xg`` ``[B, HW, G, C/G]`` (float32) per (example, group): ``[B, G]`` each.
+
+    Two-pass variance, ``mean((x - mu)^2)``, which avoids the cancellation of
+    ``E[x^2] - mu^2``. Reducing the pixels first and the channels of a group
+    second is 3x faster on XLA:CPU than one reduction over both.
+    """
+    mean = jnp.mean(jnp.mean(xg, axis=1), axis=-1)
+    var = jnp.mean(jnp.mean(jnp.square(xg - mean[:, None, :, None]), axis=1), axis=-1)
+    return mean, jax.lax.rsqrt(var + epsilon)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int, epsilon: float) -> jax.Array:
+    """Group normalization (Wu & He 2018) of NHWC ``x``, in float32.
+
+    With ``mu``, ``sigma^2`` the mean and (two-pass) variance of each example's
+    group of ``C / num_groups`` channels over all pixels,
+    ``y = (x - mu) / sqrt(sigma^2 + epsilon) * scale + bias``.
+
+    The gradient is written out (``xh`` the normalized input, ``d = dy * scale``,
+    ``<.>`` the mean over the group): ``dx = (d - <d> - xh <d xh>) / sqrt(sigma^2 + epsilon)``,
+    ``dscale = sum dy xh``, ``dbias = sum dy`` (sums over examples and pixels),
+    which XLA:CPU runs 3x faster than the derivative of the two-pass formula.
+    Being a ``jax.custom_vjp``, it supports reverse-mode differentiation
+    (``jax.grad``, ``jax.vjp``) but not forward mode (``jax.jvp``, ``jax.jacfwd``).
+
+    Args:
+      x: ``[B, H, W, C]``, C divisible by ``num_groups``; any float dtype.
+      scale, bias: ``[C]``.
+      num_groups: groups of channels.
+      epsilon: added to the variance.
+
+    Returns:
+      ``[B, H, W, C]`` float32.
+    """
+    return _group_norm_fwd(x, scale, bias, num_groups, epsilon)[0]
+
+
+def _group_norm_fwd(x, scale, bias, num_groups, epsilon):
+    if x.ndim != 4:
+        raise ValueError(f"group_norm: x must be [B, H, W, C], got shape {x.shape}")
+    b, c = x.shape[0], x.shape[-1]
+    xg = x.astype(jnp.float32).reshape(b, -1, num_groups, c // num_groups)
+    mean, inv_std = _group_stats(xg, epsilon)
+    xh = ((xg - mean[:, None, :, None]) * inv_std[:, None, :, None]).reshape(x.shape)
+    return xh * scale + bias, (x, mean, inv_std, scale, bias)
+
+
+def _group_norm_bwd(num_groups, epsilon, residuals, dy):
+    x, mean, inv_std, scale, bias = residuals
+    b, c = x.shape[0], x.shape[-1]
+    grouped = (b, -1, num_groups, c // num_groups)
+    xh = (x.astype(jnp.float32).reshape(grouped) - mean[:, None, :, None]) * inv_std[:, None, :, None]
+    dy = dy.astype(jnp.float32)
+    d = (dy * scale).reshape(grouped)
+
+    def group_mean(v):
+        return jnp.mean(jnp.mean(v, axis=1), axis=-1)[:, None, :, None]
+
+    dx = inv_std[:, None, :, None] * (d - group_mean(d) - xh * group_mean(d * xh))
+    dscale = jnp.sum(dy * xh.reshape(x.shape), axis=(0, 1, 2))
+    dbias = jnp.sum(dy, axis=(0, 1, 2))
+    return dx.reshape(x.shape).astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+
+
+group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+class GroupNorm(nn.Module):
+    """:func:`group_norm` with learned ``scale`` (init 1) and ``bias`` (init 0), float32 parameters.
+
+    The parameters are those of ``flax.linen.GroupNorm`` (same names, shapes and
+    initial values); statistics are computed in float32 and the output has ``dtype``.
+    """
+
+    num_groups: int = _NUM_GROUPS
+    epsilon: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        if c % self.num_groups:
+            raise ValueError(f"GroupNorm: {self.num_groups} groups do not divide {c} channels")
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        return group_norm(x, scale, bias, self.num_groups, self.epsilon).astype(self.dtype)
+
+
+def _group_norm(dtype, name: str) -> GroupNorm:
+    return GroupNorm(_NUM_GROUPS, 1e-6, dtype, name=name)
 
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -221,9 +311,10 @@ def conv_weight_grad_by_taps(x: jax.Array, g: jax.Array, kernel_size: tuple[int,
 
         dL/dw[i, j, c, o] = sum_{b, p, q} xp[b, s p + i, s q + j, c] g[b, p, q, o],
 
-    for each tap ``(i, j)`` the product ``X_ij^T G`` of the strided window
+    for each tap ``(i, j)`` the product ``X_ij^T G = (G^T X_ij)^T`` of the strided window
     ``X_ij`` of ``xp`` (``[B P Q, C_in]``) and ``G`` (``[B P Q, C_out]``). XLA:CPU
-    runs these matmuls about twice as fast as its backward-filter convolution.
+    runs these matmuls 1.8-2.8x as fast as its backward-filter convolution on
+    32x32 and 16x16 maps (slower on small ones; see ``UNetConfig.conv_weight_grad``).
     Products accumulate in float32.
 
     Args:
@@ -238,14 +329,27 @@ def conv_weight_grad_by_taps(x: jax.Array, g: jax.Array, kernel_size: tuple[int,
     """
     (kh, kw), (sh, sw) = kernel_size, strides
     b, p, q, c_out = g.shape
+    c_in = x.shape[-1]
     xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
-    g2 = g.reshape(b * p * q, c_out)
-    taps = [
-        jnp.dot(xp[:, i:i + sh * (p - 1) + 1:sh, j:j + sw * (q - 1) + 1:sw, :].reshape(b * p * q, -1).T, g2,
-                preferred_element_type=jnp.float32)
-        for i in range(kh) for j in range(kw)
-    ]
-    return jnp.stack(taps).reshape(kh, kw, x.shape[-1], c_out)
+    window = (b, sh * (p - 1) + 1, sw * (q - 1) + 1, c_in)
+
+    # Two half-batch matmuls, summed, run ~15% faster on XLA:CPU than one with
+    # twice the inner dimension.
+    halves = 2 if b % 2 == 0 else 1
+    g_halves = g.reshape(halves, b * p * q // halves, c_out)
+
+    def tap(index):
+        i, j = index // kw, index % kw
+        x_ij = jax.lax.dynamic_slice(xp, (0, i, j, 0), window)[:, ::sh, ::sw, :]
+        # G^T X_ij rather than X_ij^T G: XLA:CPU transposes the left operand of
+        # this product, and G is the same for every tap (3% faster step).
+        # (Contracting h inside the einsum instead would be 2x slower.)
+        return jnp.einsum("hko,hki->hoi", g_halves, x_ij.reshape(halves, b * p * q // halves, c_in),
+                          preferred_element_type=jnp.float32).sum(0)
+
+    # A loop rather than kh * kw independent matmuls: XLA would otherwise keep
+    # every tap's window copy alive at once (2.3x the step's temporary memory).
+    return jax.lax.map(tap, jnp.arange(kh * kw)).reshape(kh, kw, c_out, c_in).transpose(0, 1, 3, 2)
 
 
 def _conv_nhwc(x, w, strides, pads):
@@ -273,32 +377,55 @@ def _conv_with_tap_weight_grad_bwd(strides, pads, residuals, g):
 _conv_with_tap_weight_grad.defvjp(_conv_with_tap_weight_grad_fwd, _conv_with_tap_weight_grad_bwd)
 
 
+# Where the tap weight gradient beats XLA:CPU's own (measured on a 2-core Xeon,
+# BENCHMARKS.md): many output positions (the matmuls' inner dimension) and wide
+# channels. At 8x8 and below, or with under 128 channels, XLA's is faster.
+_TAPS_MIN_POSITIONS = 8192  # B * P * Q
+_TAPS_MIN_CHANNELS = 128  # min(C_in, C_out)
+
+
+def _taps_pay_off(lhs_shape, rhs_shape, strides) -> bool:
+    b, h, w, _ = lhs_shape
+    positions = b * -(-h // strides[0]) * -(-w // strides[1])
+    return positions >= _TAPS_MIN_POSITIONS and min(rhs_shape[2], rhs_shape[3]) >= _TAPS_MIN_CHANNELS
+
+
 def _conv_general_dilated_taps(lhs, rhs, window_strides, padding, *, lhs_dilation=None, rhs_dilation=None,
-                               dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+                               dimension_numbers=None, feature_group_count=1, precision=None,
+                               only_where_faster: bool = False, **kwargs):
     """A drop-in for ``lax.conv_general_dilated`` (as ``nn.Conv`` calls it) with the tap weight gradient.
 
     Only the plain case the UNet uses (2-D, NHWC/HWIO, no dilation, one group)
-    takes the tap path; anything else is passed to ``lax.conv_general_dilated``.
+    takes the tap path, and with ``only_where_faster`` only shapes where it is
+    faster on CPU (:func:`_taps_pay_off`); anything else is passed to
+    ``lax.conv_general_dilated``.
     """
     plain = (lhs.ndim == 4 and feature_group_count == 1 and precision is None and not kwargs
              and all(d in (None, 1) or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
              and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
              == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
-    if not plain:
+    strides = tuple(int(s) for s in window_strides)
+    if not plain or (only_where_faster and not _taps_pay_off(lhs.shape, rhs.shape, strides)):
         return jax.lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
             dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
             precision=precision, **kwargs)
     if isinstance(padding, str):
-        padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+        padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
     pads = tuple(tuple(int(v) for v in pair) for pair in padding)
-    return _conv_with_tap_weight_grad(lhs, rhs, tuple(int(s) for s in window_strides), pads)
+    return _conv_with_tap_weight_grad(lhs, rhs, strides, pads)
 
 
-def _use_tap_weight_grad(choice: str) -> bool:
-    if choice == "auto":
-        return jax.default_backend() == "cpu"
-    return choice == "taps"
+_conv_general_dilated_taps_where_faster = functools.partial(_conv_general_dilated_taps, only_where_faster=True)
+
+
+def _conv_function(weight_grad: str):
+    """The ``conv_general_dilated`` for ``nn.Conv`` that ``UNetConfig.conv_weight_grad`` asks for."""
+    if weight_grad == "taps":
+        return _conv_general_dilated_taps
+    if weight_grad == "auto" and jax.default_backend() == "cpu":
+        return _conv_general_dilated_taps_where_faster
+    return None  # nn.Conv's default, lax.conv_general_dilated
 
 
 def _conv3x3(features: int, dtype, name: str, *, stride: int = 1, zero_init: bool = False,
@@ -306,7 +433,7 @@ def _conv3x3(features: int, dtype, name: str, *, stride: int = 1, zero_init: boo
     # "SAME" pads (0, 1) for a stride-2 conv on an even size, as TF did in DDPM.
     return nn.Conv(features, (3, 3), strides=(stride, stride), padding="SAME", dtype=dtype,
                    kernel_init=_zero_init if zero_init else _default_init, name=name,
-                   conv_general_dilated=_conv_general_dilated_taps if _use_tap_weight_grad(weight_grad) else None)
+                   conv_general_dilated=_conv_function(weight_grad))
 
 
 def _dense(features: int, dtype, name: str, *, zero_init: bool = False) -> nn.Dense:
