@@ -8,12 +8,14 @@
 Any config field can be overridden: --config.batch_size=64 --config.model.ch=64.
 """
 import logging
+import os
 
 from absl import app
 from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from diffusion_jax import parallel
 from diffusion_jax.training import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
@@ -23,7 +25,30 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "sample"], "Wha
 _NUM_IMAGES = flags.DEFINE_integer("num_images", None, "--mode=sample: images to draw (default: config.sample).")
 _SAMPLER = flags.DEFINE_string("sampler", None, "--mode=sample: ddpm, ddim or dpm_solver++ (default: config.sample).")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", None, "--mode=sample: sampling steps (default: config.sample).")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", None,
+    "On the CPU backend, split each process's CPU into this many data-parallel XLA devices "
+    "(default: one per core, as many as divide config.batch_size; 1 in a multi-process job). "
+    "Ignored, with a warning, when XLA_FLAGS already sets --xla_force_host_platform_device_count; "
+    "no effect on GPU/TPU devices.",
+    lower_bound=1)
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _default_cpu_devices(batch_size) -> int:
+    """One CPU device per core, as many as split the batch.
+
+    1 for a multi-process job (whose processes may share a host's cores, and
+    whose process count a cluster may not state in the environment), and 1
+    where the batch size is bad: the config validation that runs next reports
+    that, naming the field.
+    """
+    if any(os.environ.get(var) for var in (*parallel.DISTRIBUTED_ENV_VARS, "JAX_NUM_PROCESSES")):
+        return 1
+    try:
+        return parallel.cpu_devices_for(batch_size, parallel.usable_cpu_cores())
+    except ValueError:
+        return 1
 
 
 def main(argv):
@@ -34,6 +59,12 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("diffusion_jax").setLevel(logging.INFO)
+    # Before anything starts a JAX backend: how many devices the CPU backend shows.
+    requested = _CPU_DEVICES.value or _default_cpu_devices(_CONFIG.value.batch_size)
+    if not parallel.request_cpu_devices(requested) and _CPU_DEVICES.value is not None:
+        logging.getLogger("diffusion_jax").warning(
+            "--cpu_devices=%d is ignored: XLA_FLAGS already sets --xla_force_host_platform_device_count",
+            _CPU_DEVICES.value)
     if _MODE.value == "train":
         trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     elif _MODE.value == "evaluate":

@@ -30,7 +30,7 @@ DATA_AXIS = "data"
 # Environment variables by which a launcher (or a cluster that JAX detects on
 # its own, e.g. SLURM or a Cloud TPU pod) says that this is one process of a
 # multi-process job.
-_DISTRIBUTED_ENV_VARS = (
+DISTRIBUTED_ENV_VARS = (
     "JAX_COORDINATOR_ADDRESS",
     "SLURM_NTASKS",
     "OMPI_COMM_WORLD_SIZE",
@@ -59,7 +59,7 @@ def maybe_initialize_distributed(enabled: bool | str) -> bool:
         raise ValueError(
             f"config.distributed must be True, False or 'auto', got {enabled!r}")
     if enabled == "auto":
-        enabled = any(os.environ.get(name) for name in _DISTRIBUTED_ENV_VARS)
+        enabled = any(os.environ.get(name) for name in DISTRIBUTED_ENV_VARS)
     if not enabled:
         return False
     if jax.distributed.is_initialized():
@@ -83,6 +83,78 @@ def _process_args_from_env() -> dict[str, int]:
             except ValueError:
                 raise ValueError(f"environment variable {name} must be an int, got {value!r}") from None
     return args
+
+
+_CPU_DEVICE_FLAG = "--xla_force_host_platform_device_count"
+
+
+def usable_cpu_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, else ``os.cpu_count()``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def cpu_devices_for(batch_size: int, cores: int, num_processes: int = 1) -> int:
+    """How many XLA CPU devices to split each process's CPU into for a data-parallel job.
+
+    The most devices, at most one per core, that split the global batch
+    evenly over all ``num_processes`` processes' devices.
+
+    Why split at all: XLA:CPU runs a small model's many small kernels poorly
+    on several threads at once, and one device per core running its share of
+    the batch keeps every core busy. Measured on 2 cores (BENCHMARKS.md): 2
+    devices train the ``tiny`` UNet 1.2-1.3x and sample it 1.9x as fast as
+    one; the 35.7M DDPM UNet trains 4-7% slower and samples 8-12% faster.
+
+    Args:
+      batch_size: the global batch.
+      cores: cores per process (:func:`usable_cpu_cores`).
+      num_processes: processes of the job.
+
+    Returns:
+      The device count per process, >= 1.
+    """
+    for name, value in (("batch_size", batch_size), ("cores", cores), ("num_processes", num_processes)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"cpu_devices_for: {name} must be an int >= 1, got {value!r}")
+    return max(d for d in range(1, cores + 1) if batch_size % (d * num_processes) == 0) \
+        if batch_size % num_processes == 0 else 1
+
+
+def request_cpu_devices(count: int) -> bool:
+    """Asks XLA to present the host CPU as ``count`` devices, unless ``XLA_FLAGS`` already says how many.
+
+    Sets ``--xla_force_host_platform_device_count`` in ``XLA_FLAGS``. Only the
+    CPU backend is affected (on a GPU or TPU job the accelerators stay the
+    devices). XLA reads the flag when the first backend starts, so this must
+    run before anything touches a JAX device.
+
+    Args:
+      count: devices, >= 1.
+
+    Returns:
+      True if the flag was set; False if ``XLA_FLAGS`` already had it (the
+      user's choice wins).
+
+    Raises:
+      ValueError: ``count`` is not an int >= 1.
+      RuntimeError: a JAX backend has already started, so the flag would be ignored.
+    """
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+        raise ValueError(f"request_cpu_devices: count must be an int >= 1, got {count!r}")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if _CPU_DEVICE_FLAG in flags:
+        return False
+    from jax._src import xla_bridge  # no public API says whether a backend started
+
+    started = getattr(xla_bridge, "backends_are_initialized", lambda: False)
+    if started():
+        raise RuntimeError("request_cpu_devices: a JAX backend has already started; call it before "
+                           "anything touches a JAX device")
+    os.environ["XLA_FLAGS"] = f"{flags} {_CPU_DEVICE_FLAG}={int(count)}".strip()
+    return True
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:

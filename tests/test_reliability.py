@@ -54,7 +54,7 @@ import PIL.Image
 import pytest
 from tensorboardX.proto import event_pb2
 
-from diffusion_jax import input_pipeline
+from diffusion_jax import input_pipeline, parallel
 from diffusion_jax.training import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -641,3 +641,66 @@ def test_configs_and_data_positions_beside_checkpoints_are_plain_json(straight, 
         step_dir = _checkpoint_dir(straight) / str(step)
         assert json.loads((step_dir / "config" / "metadata").read_text()) == expected
         assert json.loads((step_dir / "data" / "process_0-of-1.json").read_text()) == {"next_index": step}
+
+
+# =============================================================================
+# The CPU split into data-parallel devices (train.py --cpu_devices)
+# =============================================================================
+
+
+def _devices_in_log(stderr: str) -> int:
+    found = re.findall(r"(\d+) devices in (\d+) processes", stderr)
+    assert found, f"no device count in train.py's log:\n{stderr[-3000:]}"
+    return int(found[-1][0])
+
+
+@pytest.mark.parametrize("xla_flags,flag,extra_env,want", [
+    ("", "--cpu_devices=4", {}, 4),                                       # asked for
+    ("", None, {}, "auto"),                                               # one per core, dividing the batch of 16
+    ("", None, {"JAX_NUM_PROCESSES": "1"}, 1),                            # a multi-process launcher: no split
+    ("--xla_force_host_platform_device_count=1", "--cpu_devices=4", {}, 1),  # XLA_FLAGS wins, with a warning
+])
+def test_train_py_splits_the_cpu_into_devices(data_dir, env, tmp_path, xla_flags, flag, extra_env, want):
+    if want == "auto":
+        cores = len(os.sched_getaffinity(0))
+        if cores < 2:
+            pytest.skip("one core: the default split is no split")
+        want = max(d for d in range(1, cores + 1) if 16 % d == 0)
+    proc = _run(_train_py(tmp_path / "run", data_dir, {"num_train_steps": 2}, flags=[flag] if flag else []),
+                dict(env, XLA_FLAGS=xla_flags, **extra_env))
+    _ok(proc.returncode, proc.stderr)
+    assert _devices_in_log(proc.stderr) == want
+    assert ("--cpu_devices=4 is ignored" in proc.stderr) == bool(xla_flags)
+
+
+def test_train_py_rejects_a_bad_cpu_device_count(data_dir, env, tmp_path):
+    proc = _run(_train_py(tmp_path / "run", data_dir, flags=["--cpu_devices=0"]), dict(env, XLA_FLAGS=""))
+    assert proc.returncode != 0 and "cpu_devices" in proc.stderr
+    assert not (tmp_path / "run").exists()  # rejected before any work
+
+
+@pytest.mark.parametrize("batch,cores,processes,want", [
+    (64, 2, 1, 2), (99, 2, 1, 1), (1, 8, 1, 1), (12, 8, 1, 6), (64, 8, 2, 8), (10, 8, 3, 1), (30, 8, 3, 5),
+])
+def test_cpu_devices_for_by_hand(batch, cores, processes, want):
+    # The most devices d <= cores with batch divisible by d * processes (1 if none).
+    assert parallel.cpu_devices_for(batch, cores, processes) == want
+
+
+def test_cpu_device_requests_name_what_is_wrong(monkeypatch):
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="batch_size"):
+            parallel.cpu_devices_for(bad, 2)
+        with pytest.raises(ValueError, match="count"):
+            parallel.request_cpu_devices(bad)
+    # The user's XLA_FLAGS setting is kept as it is.
+    other = "--xla_cpu_enable_fast_math=false"  # a real flag: XLA aborts on unknown ones
+    monkeypatch.setenv("XLA_FLAGS", f"{other} --xla_force_host_platform_device_count=3")
+    assert parallel.request_cpu_devices(2) is False
+    assert os.environ["XLA_FLAGS"] == f"{other} --xla_force_host_platform_device_count=3"
+    # This test process's backend has started: a late request would be ignored, so it raises.
+    jax.devices()
+    monkeypatch.setenv("XLA_FLAGS", other)
+    with pytest.raises(RuntimeError, match="already started"):
+        parallel.request_cpu_devices(2)
+    assert os.environ["XLA_FLAGS"] == other
