@@ -12,6 +12,7 @@ must therefore run before anything touches a device (importing jax is fine).
 from __future__ import annotations
 
 import functools
+import math
 import os
 import platform
 import resource
@@ -63,6 +64,19 @@ def configure_xla(*, cpu_devices: int | None = None, extra_flags: str = "") -> s
     flags += extra_flags.split()
     os.environ["XLA_FLAGS"] = " ".join(flags)
     return os.environ["XLA_FLAGS"]
+
+
+def default_cpu_devices(batches) -> int | None:
+    """The CPU device count train.py would use: one per core, as many as divide every batch.
+
+    None when `XLA_FLAGS` already sets `--xla_force_host_platform_device_count`
+    (that setting is kept). Only the CPU backend is affected.
+    """
+    if "--xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return None
+    from diffusion_jax import parallel
+
+    return parallel.cpu_devices_for(math.gcd(*batches), parallel.usable_cpu_cores())
 
 
 def cpu_flags() -> set[str]:
@@ -139,14 +153,14 @@ def peak_memory_bytes(devices) -> tuple[int | None, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS (ru_maxrss)"
 
 
-def flops_of(compiled) -> float | None:
-    """Total FLOPs XLA's cost analysis counts for one call of `compiled`, or None.
+def flops_of(lowered_or_compiled) -> float | None:
+    """Total FLOPs XLA's cost analysis counts for one call, or None.
 
     Note: the count is per device program (SPMD), and XLA counts the body of a
     while loop (a `lax.scan`) once, not once per iteration.
     """
     try:
-        cost = compiled.cost_analysis()
+        cost = lowered_or_compiled.cost_analysis()
     except Exception:  # some backends do not implement it
         return None
     if isinstance(cost, (list, tuple)):  # older JAX: one dict per device program

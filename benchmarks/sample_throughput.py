@@ -60,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"only compile, at {COMPILE_SCALING_STEPS[0]} and {COMPILE_SCALING_STEPS[1]} steps")
     p.add_argument("--attention-impl", choices=("xla", "cudnn"), default=None)
     p.add_argument("--cpu-devices", type=int, default=None,
-                   help="split the CPU into this many XLA devices (data parallel)")
+                   help="split the CPU into this many XLA devices (data parallel; default: as train.py, "
+                        "one per core, as many as divide the batch)")
     p.add_argument("--xla-flags", default="", help="extra XLA flags, space-separated")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -167,7 +168,7 @@ def measure(args, workload, batch: int, dtype: str, num_steps: int, mesh, *, run
     rec.update({
         "img_per_s": round(img_per_s, 4),
         "img_per_s_spread": [round(v, 4) for v in spread],
-        "wall_s": round(wall_s, 4),
+        "wall_s": round(wall_s, 6),
         "median_s_per_step": round(wall_s / num_steps, 6),
         "peak_mem_bytes": mem,
         "peak_mem_source": mem_source,
@@ -184,7 +185,10 @@ def measure(args, workload, batch: int, dtype: str, num_steps: int, mesh, *, run
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workload = workloads.get_workload(args.workload)
-    harness.configure_xla(cpu_devices=args.cpu_devices, extra_flags=args.xla_flags)
+    cpu_devices = args.cpu_devices
+    if cpu_devices is None:
+        cpu_devices = harness.default_cpu_devices([args.batch or workload.batch_cpu])
+    harness.configure_xla(cpu_devices=cpu_devices, extra_flags=args.xla_flags)
 
     import jax
 

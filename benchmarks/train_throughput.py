@@ -9,9 +9,9 @@ on the devices (we measure the step, not an input pipeline).
 
 For each (batch, dtype) of the sweep:
   1. lower and compile the step (`compile_s`);
-  2. FLOPs per image from XLA's cost analysis of the compiled step (forward,
-     backward and optimizer; `flops_per_img`), and MFU = flops_per_img x img/s
-     / the device's peak (`peak_flops_source` says which peak);
+  2. FLOPs per image from XLA's cost analysis of the step (forward, backward
+     and optimizer; `flops_per_img`, see `model_flops_per_image`), and MFU =
+     flops_per_img x img/s / the device's peak (`peak_flops_source` says which);
   3. `--warmup` untimed calls, then `--repeats` windows of `--steps` steps,
      each window timed around `block_until_ready`; img/s is the median over
      windows, `img_per_s_spread` the [min, max];
@@ -20,7 +20,8 @@ One JSON line per measurement goes to stdout (benchmarks/_report.py).
 
 `--steps-per-dispatch K` runs K training steps per call, a `lax.scan` over a
 stack of K batches inside the jitted function, so Python dispatches 1/K as
-often. `--cpu-devices N` splits the CPU into N XLA devices (data parallel);
+often. `--cpu-devices N` splits the CPU into N XLA devices (data parallel;
+by default one per core, as many as divide every batch, as train.py does);
 `--xla-flags` adds XLA flags for experiments.
 
   python benchmarks/train_throughput.py --workload tiny
@@ -31,6 +32,7 @@ often. `--cpu-devices N` splits the CPU into N XLA devices (data parallel);
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -56,13 +58,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--repeats", type=int, default=3, help="timed windows per measurement")
     p.add_argument("--steps", type=int, default=5, help="training steps per timed window")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls after compiling")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed calls after compiling")
     p.add_argument("--steps-per-dispatch", type=int, default=1,
                    help="training steps per jitted call (lax.scan over K stacked batches)")
     p.add_argument("--attention-impl", choices=("xla", "cudnn"), default=None,
                    help="jax.nn.dot_product_attention implementation (default: JAX's choice)")
+    p.add_argument("--conv-weight-grad", choices=("auto", "xla", "taps"), default=None,
+                   help="UNetConfig.conv_weight_grad: how 3x3 kernel gradients are computed "
+                        "(default: the workload's, auto)")
     p.add_argument("--cpu-devices", type=int, default=None,
-                   help="split the CPU into this many XLA devices (data parallel)")
+                   help="split the CPU into this many XLA devices (data parallel; default: as train.py, "
+                        "one per core, as many as divide the batch)")
     p.add_argument("--xla-flags", default="", help="extra XLA flags, space-separated")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -80,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_step(workload: workloads.Workload, dtype: str, steps_per_dispatch: int,
-               attention_impl: str | None, mesh):
+               attention_impl: str | None, mesh, *, conv_weight_grad: str | None = None):
     """The jitted, data-parallel training call and the objects it needs.
 
     Returns:
@@ -98,7 +105,10 @@ def build_step(workload: workloads.Workload, dtype: str, steps_per_dispatch: int
     from diffusion_jax.training.state import OptimConfig, make_optimizer
     from diffusion_jax.training.step import LossConfig, make_train_step
 
-    model = UNet(workload.unet_config(dtype, attention_impl))
+    unet_config = workload.unet_config(dtype, attention_impl)
+    if conv_weight_grad is not None:
+        unet_config = dataclasses.replace(unet_config, conv_weight_grad=conv_weight_grad)
+    model = UNet(unet_config)
     schedule = dj.make_schedule("linear", workload.timesteps, beta_start=workload.beta_start,
                                 beta_end=workload.beta_end)
     tx, lr_schedule = make_optimizer(OptimConfig(learning_rate=workloads.LEARNING_RATE))
@@ -146,6 +156,30 @@ def synthetic_batch(workload: workloads.Workload, batch: int, steps_per_dispatch
     return jax.device_put(host, NamedSharding(mesh, spec))
 
 
+def model_flops_per_image(workload, dtype, attention_impl, mesh, state, batch: int, key) -> float | None:
+    """FLOPs of one training step per image, from XLA's cost analysis of the step.
+
+    The step analysed is one step per call with XLA's own convolution weight
+    gradient, lowered but not compiled (cheap): its count is the model's
+    (forward, backward, optimizer), whatever speed devices the measured
+    program uses. XLA counts a loop body once, so neither the tap loop of
+    `UNetConfig.conv_weight_grad` nor a `--steps-per-dispatch` scan could be
+    counted from the measured program itself. Per device, so / per-device batch.
+    """
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from diffusion_jax import parallel
+
+    call, _ = build_step(workload, dtype, 1, attention_impl, mesh, conv_weight_grad="xla")
+    sharding = NamedSharding(mesh, P(parallel.DATA_AXIS))
+    batch_spec = {"image": jax.ShapeDtypeStruct((batch, *workload.image_shape), np.float32, sharding=sharding),
+                  "label": jax.ShapeDtypeStruct((batch,), np.int32, sharding=sharding)}
+    flops = harness.flops_of(call.lower(state, batch_spec, key))
+    return flops / (batch // mesh.size) if flops else None
+
+
 def measure(args: argparse.Namespace, workload: workloads.Workload, batch: int, dtype: str,
             mesh) -> dict[str, Any]:
     """One measurement of the sweep; returns its JSON record."""
@@ -157,7 +191,8 @@ def measure(args: argparse.Namespace, workload: workloads.Workload, batch: int, 
     devices = list(mesh.devices.flat)
     if batch % len(devices):
         raise ValueError(f"batch {batch} is not divisible by the {len(devices)} devices of the mesh")
-    call, tx = build_step(workload, dtype, k, args.attention_impl, mesh)
+    call, tx = build_step(workload, dtype, k, args.attention_impl, mesh,
+                          conv_weight_grad=args.conv_weight_grad)
     state, num_params = init_state(tx, workload, mesh, args.seed)
     data = synthetic_batch(workload, batch, k, mesh, args.seed)
     key = jax.device_put(jax.random.key(args.seed), parallel.replicated_sharding(mesh))
@@ -165,9 +200,7 @@ def measure(args: argparse.Namespace, workload: workloads.Workload, batch: int, 
     t0 = time.perf_counter()
     compiled = call.lower(state, data, key).compile()
     compile_s = time.perf_counter() - t0
-    # Per device program; a scan's body is counted once, so this is one step.
-    flops = harness.flops_of(compiled)
-    flops_per_img = flops / (batch // len(devices)) if flops else None
+    flops_per_img = model_flops_per_image(workload, dtype, args.attention_impl, mesh, state, batch, key)
 
     for _ in range(args.warmup):
         state, metrics = compiled(state, data, key)
@@ -216,6 +249,7 @@ def measure(args: argparse.Namespace, workload: workloads.Workload, batch: int, 
         "warmup": args.warmup,
         "steps_per_dispatch": k,
         "attention_impl": args.attention_impl,
+        "conv_weight_grad": args.conv_weight_grad or workload.unet.conv_weight_grad,
         "cpu_share": cpu_share if devices[0].platform == "cpu" else None,
         "versions": harness.versions(),
         "notes": ["real make_train_step: clip 1.0, Adam lr 2e-4, EMA 0.9999, non-finite guard",
@@ -226,7 +260,10 @@ def measure(args: argparse.Namespace, workload: workloads.Workload, batch: int, 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workload = workloads.get_workload(args.workload)
-    harness.configure_xla(cpu_devices=args.cpu_devices, extra_flags=args.xla_flags)
+    cpu_devices = args.cpu_devices
+    if cpu_devices is None:
+        cpu_devices = harness.default_cpu_devices(args.batch or [workload.batch_cpu])
+    harness.configure_xla(cpu_devices=cpu_devices, extra_flags=args.xla_flags)
 
     import jax
 

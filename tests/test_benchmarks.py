@@ -191,9 +191,10 @@ def test_tiny_workload_has_the_parameter_count_of_diffusers_unet2dmodel():
 # --- the speed change keeps the math: the convolution weight gradient by taps -----------
 
 
-@pytest.mark.parametrize("stride,size", [(1, 6), (2, 6), (2, 5)])
-def test_conv_weight_grad_by_taps_matches_the_convolution_vjp(stride, size):
-    x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+@pytest.mark.parametrize("stride,size,batch", [(1, 6, 2), (2, 6, 2), (2, 5, 2), (1, 5, 3), (2, 6, 1)])
+def test_conv_weight_grad_by_taps_matches_the_convolution_vjp(stride, size, batch):
+    # Even batches take the two-half-batch products, odd ones a single product.
+    x = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
     w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
     conv = lambda w: jax.lax.conv_general_dilated(  # noqa: E731
         x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -236,3 +237,25 @@ def test_unet_gradient_is_the_same_with_either_weight_gradient():
 def test_unet_config_rejects_unknown_weight_gradient():
     with pytest.raises(ValueError, match="conv_weight_grad"):
         UNetConfig(conv_weight_grad="fast")
+
+
+# --- the kernel ceiling script ---------------------------------------------------------
+
+
+def test_cpu_kernels_times_every_kernel_of_every_shape(monkeypatch):
+    import cpu_kernels
+
+    monkeypatch.setitem(cpu_kernels.SHAPES, "tiny", [(2, 4, 8, 8), (1, 6, 4, 8)])
+    monkeypatch.setattr(cpu_kernels, "torch_kernels", lambda *a, **k: None)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert cpu_kernels.main(["--shapes", "tiny", "--repeats", "1"]) == 0
+    (rec,) = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert rec["impl"] == "xla" and rec["task"] == "kernels" and rec["dtype"] == "float32"
+    assert set(rec["gflops"]) == {"b2 4x4 8->8", "b1 6x6 4->8", "dot_4096"}
+    for name, kernels in rec["gflops"].items():
+        want = {"dot"} if name == "dot_4096" else {"fwd", "dx", "dw", "dw_taps"}
+        assert set(kernels) == want, name
+        assert all(np.isfinite(v) and v > 0 for v in kernels.values()), (name, kernels)
+    with pytest.raises(SystemExit):
+        cpu_kernels.main(["--repeats", "0"])

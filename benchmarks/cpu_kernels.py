@@ -1,0 +1,167 @@
+"""GFLOP/s of the kernels a UNet training step is made of, XLA against PyTorch, on this machine.
+
+The ceiling behind the training and sampling figures: a DDPM UNet step is
+mostly 3x3 convolutions (forward, input gradient, kernel gradient) and a few
+matmuls, so the speed of those kernels bounds the step's images/s. For
+representative convolution shapes of the `ddpm_cifar10` workload at its CPU
+batch (or `--shapes tiny`: `tiny`'s map sizes and widths at the sampler's
+batch of 64) this script times,
+in XLA (jitted `lax.conv_general_dilated` and its VJPs) and, where torch is
+installed, in PyTorch (`nn.Conv2d`, oneDNN):
+
+* `fwd`: the convolution;
+* `dx`, `dw`: XLA's input and kernel gradients, each alone; `dw_taps`: the
+  kernel gradient by kernel taps (`diffusion_jax.models.unet.conv_weight_grad_by_taps`,
+  what the UNet uses on CPU for large maps);
+* `fwd_bwd`: PyTorch's forward + backward (input and kernel gradient), as
+  3 x the convolution's FLOPs over the time;
+* `dot`: a 4096^3 matmul, the machine's practical matmul peak.
+
+Each figure is FLOPs (2 x multiply-adds) / median seconds over `--repeats`
+calls after one warm-up call. One JSON line per implementation on stdout
+(`task: "kernels"`, `gflops`: kernel -> GFLOP/s); not the images/s record
+of the other scripts, so `compare.py` does not read it.
+
+    python benchmarks/cpu_kernels.py                        # float32, ddpm_cifar10 shapes
+    python benchmarks/cpu_kernels.py --dtype bfloat16
+    python benchmarks/cpu_kernels.py --shapes tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+import _jax_harness as harness
+from _report import usable_cpu_count
+
+# (batch, size, c_in, c_out) of the 3x3 stride-1 convolutions.
+SHAPES = {
+    "ddpm_cifar10": [(32, 32, 128, 128), (32, 32, 256, 128), (32, 16, 256, 256), (32, 8, 256, 256),
+                     (32, 4, 256, 256)],
+    "tiny": [(64, 16, 32, 32), (64, 16, 64, 32), (64, 16, 32, 64), (64, 8, 64, 64)],
+}
+
+
+def gflops(flops: float, seconds: float) -> float:
+    return float(f"{flops / seconds / 1e9:.4g}")
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    fn()  # warm-up (compiles, for XLA)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def xla_kernels(shapes, dtype: str, repeats: int) -> dict[str, dict[str, float]]:
+    import jax
+    import jax.numpy as jnp
+
+    from diffusion_jax.models.unet import conv_weight_grad_by_taps
+
+    dt = jnp.dtype(dtype)
+
+    def conv(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    fwd = jax.jit(conv)
+    dx = jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
+    dw = jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])
+    dw_taps = jax.jit(lambda x, g: conv_weight_grad_by_taps(x, g, (3, 3), (1, 1), ((1, 1), (1, 1))))
+    out = {}
+    for b, s, ci, co in shapes:
+        x = jax.random.normal(jax.random.key(0), (b, s, s, ci), dt)
+        w = (jax.random.normal(jax.random.key(1), (3, 3, ci, co)) * 0.05).astype(dt)
+        g = jax.random.normal(jax.random.key(2), (b, s, s, co), dt)
+        flops = 2 * b * s * s * 9 * ci * co
+        calls = {"fwd": lambda: fwd(x, w), "dx": lambda: dx(x, w, g), "dw": lambda: dw(x, w, g),
+                 "dw_taps": lambda: dw_taps(x, g)}
+        out[_name(b, s, ci, co)] = {
+            k: gflops(flops, median_seconds(lambda f=f: jax.block_until_ready(f()), repeats))
+            for k, f in calls.items()}
+    a = jax.random.normal(jax.random.key(3), (4096, 4096), dt)
+    matmul = jax.jit(jnp.dot)
+    out["dot_4096"] = {"dot": gflops(2 * 4096**3, median_seconds(lambda: jax.block_until_ready(matmul(a, a)), repeats))}
+    return out
+
+
+def torch_kernels(shapes, dtype: str, repeats: int, threads: int) -> dict[str, dict[str, float]] | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    out = {}
+    for b, s, ci, co in shapes:
+        conv = torch.nn.Conv2d(ci, co, 3, padding=1, bias=False).to(dt)
+        x = torch.randn(b, ci, s, s, dtype=dt, requires_grad=True)
+        g = torch.randn(b, co, s, s, dtype=dt)
+        flops = 2 * b * s * s * 9 * ci * co
+
+        def fwd():
+            with torch.no_grad():
+                conv(x)
+
+        def fwd_bwd():
+            conv(x).backward(g)
+
+        out[_name(b, s, ci, co)] = {"fwd": gflops(flops, median_seconds(fwd, repeats)),
+                                    "fwd_bwd": gflops(3 * flops, median_seconds(fwd_bwd, repeats))}
+    a = torch.randn(4096, 4096, dtype=dt)
+    out["dot_4096"] = {"dot": gflops(2 * 4096**3, median_seconds(lambda: a @ a, repeats))}
+    return out
+
+
+def _print(record: dict[str, Any]) -> None:
+    # Not _report.emit: these are kernel records, not images/s measurements.
+    print(json.dumps(record), flush=True)
+
+
+def _name(b, s, ci, co) -> str:
+    return f"b{b} {s}x{s} {ci}->{co}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", choices=sorted(SHAPES), default="ddpm_cifar10")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--xla-flags", default="", help="extra XLA flags, space-separated")
+    p.add_argument("--no-torch", action="store_true", help="time XLA only")
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
+    harness.configure_xla(extra_flags=args.xla_flags)
+    import jax
+
+    devices = jax.devices()
+    if devices[0].platform != "cpu":
+        p.error(f"this script measures CPU kernels; the default backend is {devices[0].platform}")
+    shapes = SHAPES[args.shapes]
+    common = {"task": "kernels", "shapes": args.shapes, "dtype": args.dtype, "unit": "GFLOP/s",
+              **harness.common_fields(devices), "versions": harness.versions()}
+    _print({"impl": "xla", **common, "gflops": xla_kernels(shapes, args.dtype, args.repeats)})
+    if not args.no_torch:
+        found = torch_kernels(shapes, args.dtype, args.repeats, threads=usable_cpu_count())
+        if found is None:
+            print("torch is not installed: XLA only", file=sys.stderr)
+        else:
+            import torch
+
+            _print({"impl": "torch", **common, "gflops": found,
+                  "versions": {**common["versions"], "torch": torch.__version__}})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
