@@ -79,6 +79,31 @@ def default_cpu_devices(batches) -> int | None:
     return parallel.cpu_devices_for(math.gcd(*batches), parallel.usable_cpu_cores())
 
 
+def start_devices(requested_cpu_devices: int | None, batches, extra_flags: str = ""):
+    """Configures XLA, then starts JAX's backend; returns ``jax.devices()``.
+
+    Args:
+      requested_cpu_devices: `--cpu-devices` as given (None: `default_cpu_devices`).
+      batches: the CPU batches of the run, for the default device count.
+      extra_flags: `--xla-flags`.
+
+    Raises:
+      RuntimeError: a count was asked for but the CPU backend came up with
+        another (a backend had started before the flags were set).
+    """
+    cpu_devices = requested_cpu_devices
+    if cpu_devices is None:
+        cpu_devices = default_cpu_devices(batches)
+    configure_xla(cpu_devices=cpu_devices, extra_flags=extra_flags)
+    import jax
+
+    devices = jax.devices()
+    if requested_cpu_devices is not None and devices[0].platform == "cpu" and len(devices) != requested_cpu_devices:
+        raise RuntimeError(f"asked for {requested_cpu_devices} CPU devices, JAX has {len(devices)}: "
+                           "was a backend started before configure_xla?")
+    return devices
+
+
 def cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:

@@ -260,19 +260,9 @@ def measure(args: argparse.Namespace, workload: workloads.Workload, batch: int, 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workload = workloads.get_workload(args.workload)
-    cpu_devices = args.cpu_devices
-    if cpu_devices is None:
-        cpu_devices = harness.default_cpu_devices(args.batch or [workload.batch_cpu])
-    harness.configure_xla(cpu_devices=cpu_devices, extra_flags=args.xla_flags)
-
-    import jax
-
+    devices = harness.start_devices(args.cpu_devices, args.batch or [workload.batch_cpu], args.xla_flags)
     from diffusion_jax import parallel
 
-    devices = jax.devices()
-    if args.cpu_devices is not None and devices[0].platform == "cpu" and len(devices) != args.cpu_devices:
-        raise RuntimeError(f"asked for {args.cpu_devices} CPU devices, JAX has {len(devices)}: "
-                           "was a backend started before configure_xla?")
     on_gpu = devices[0].platform != "cpu"
     batches = args.batch or [workload.batch_gpu if on_gpu else workload.batch_cpu]
     dtypes = args.dtype or ["bfloat16" if on_gpu else "float32"]
