@@ -259,3 +259,43 @@ def test_cpu_kernels_times_every_kernel_of_every_shape(monkeypatch):
         assert all(np.isfinite(v) and v > 0 for v in kernels.values()), (name, kernels)
     with pytest.raises(SystemExit):
         cpu_kernels.main(["--repeats", "0"])
+
+
+def test_auto_weight_gradient_mixes_taps_and_xla_by_shape_and_keeps_the_gradient():
+    # 128 channels at 16x16 (batch 32: 8192 positions -> taps on CPU) and at 8x8
+    # (2048 positions -> XLA's own): "auto" takes both paths in one network.
+    cfg = UNetConfig(ch=128, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
+                     conv_weight_grad="auto")
+    x = jax.random.normal(jax.random.key(0), (32, 16, 16, 1))
+    t = jnp.arange(32) * 3
+    params = UNet(cfg).init(jax.random.key(1), x[:1], t[:1], train=False)["params"]
+    params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape), params)
+
+    def loss(choice):
+        model = UNet(dataclasses.replace(cfg, conv_weight_grad=choice))
+        return lambda p: jnp.sum(model.apply({"params": p}, x, t, train=False) ** 2)
+
+    def convs(jaxpr, found, in_custom_vjp=False):
+        """Counts convolutions inside a custom VJP (the tap path) and outside it."""
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "conv_general_dilated":
+                found["taps" if in_custom_vjp else "xla"] += 1
+            inside = in_custom_vjp or eqn.primitive.name.startswith("custom_vjp_call")
+            for v in eqn.params.values():
+                inner = getattr(v, "jaxpr", None)
+                if inner is not None:
+                    convs(getattr(inner, "jaxpr", inner), found, inside)
+        return found
+
+    def count(choice):
+        return convs(jax.make_jaxpr(loss(choice))(params).jaxpr, {"taps": 0, "xla": 0})
+
+    assert count("xla")["taps"] == 0 and count("taps")["xla"] == 0
+    mixed = count("auto")
+    if jax.default_backend() == "cpu":
+        assert mixed["taps"] > 0 and mixed["xla"] > 0, mixed
+
+    ref = jax.jit(jax.grad(loss("xla")))(params)
+    auto = jax.jit(jax.grad(loss("auto")))(params)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(auto)):
+        np.testing.assert_allclose(b, a, rtol=2e-4, atol=2e-5 * float(jnp.max(jnp.abs(a))) + 1e-7)
