@@ -79,6 +79,23 @@ def default_cpu_devices(batches) -> int | None:
     return parallel.cpu_devices_for(math.gcd(*batches), parallel.usable_cpu_cores())
 
 
+def add_device_args(parser) -> None:
+    """`--cpu-devices` and `--xla-flags`, the device options both of our scripts take."""
+    parser.add_argument("--cpu-devices", type=_positive_int, default=None,
+                        help="split the CPU into this many XLA devices (data parallel; default: as "
+                             "train.py, one per core, as many as divide the batch)")
+    parser.add_argument("--xla-flags", default="", help="extra XLA flags, space-separated")
+
+
+def _positive_int(text: str) -> int:
+    import argparse
+
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def start_devices(requested_cpu_devices: int | None, batches, extra_flags: str = ""):
     """Configures XLA, then starts JAX's backend; returns ``jax.devices()``.
 

@@ -59,10 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-scaling", action="store_true",
                    help=f"only compile, at {COMPILE_SCALING_STEPS[0]} and {COMPILE_SCALING_STEPS[1]} steps")
     p.add_argument("--attention-impl", choices=("xla", "cudnn"), default=None)
-    p.add_argument("--cpu-devices", type=int, default=None,
-                   help="split the CPU into this many XLA devices (data parallel; default: as train.py, "
-                        "one per core, as many as divide the batch)")
-    p.add_argument("--xla-flags", default="", help="extra XLA flags, space-separated")
+    harness.add_device_args(p)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.sampler = SAMPLER_ALIASES[args.sampler]
@@ -77,8 +74,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.num_steps = DEFAULT_NUM_STEPS[args.sampler]
     if not 1 <= args.num_steps <= workload.timesteps:
         p.error(f"--num-steps must be in [1, {workload.timesteps}], got {args.num_steps}")
-    if args.cpu_devices is not None and args.cpu_devices < 1:
-        p.error(f"--cpu-devices must be >= 1, got {args.cpu_devices}")
     return args
 
 

@@ -67,10 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--conv-weight-grad", choices=("auto", "xla", "taps"), default=None,
                    help="UNetConfig.conv_weight_grad: how 3x3 kernel gradients are computed "
                         "(default: the workload's, auto)")
-    p.add_argument("--cpu-devices", type=int, default=None,
-                   help="split the CPU into this many XLA devices (data parallel; default: as train.py, "
-                        "one per core, as many as divide the batch)")
-    p.add_argument("--xla-flags", default="", help="extra XLA flags, space-separated")
+    harness.add_device_args(p)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     for name in ("repeats", "steps", "warmup", "steps_per_dispatch"):
@@ -81,8 +78,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.steps % args.steps_per_dispatch:
         p.error(f"--steps ({args.steps}) must be a multiple of --steps-per-dispatch "
                 f"({args.steps_per_dispatch}): a timed window is a whole number of calls")
-    if args.cpu_devices is not None and args.cpu_devices < 1:
-        p.error(f"--cpu-devices must be >= 1, got {args.cpu_devices}")
     return args
 
 
