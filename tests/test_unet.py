@@ -431,3 +431,135 @@ from diffusion_jax.models.unet import _taps_pay_off  # noqa: E402
 ])
 def test_tap_weight_gradient_is_chosen_by_positions_and_channels(lhs, rhs, strides, want):
     assert _taps_pay_off(lhs, rhs, strides) is want
+
+
+# ----------------------------------------------------------------------------- upsample + conv
+# Nearest 2x upsampling followed by a 3x3 conv, computed on the low-resolution map.
+
+import flax.linen as nn  # noqa: E402
+
+from diffusion_jax.models.unet import (  # noqa: E402
+    Upsample, UpsampleConv, _default_init, upsample_conv3x3, upsample_conv3x3_kernel)
+
+
+def _upsample_conv_ref(x, w):
+    """NumPy float64: repeat every pixel 2x2, zero-pad by 1, sum the 9 shifted products."""
+    u = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)
+    b, h, wd, _ = u.shape
+    up = np.pad(u, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = np.zeros((b, h, wd, w.shape[-1]))
+    for i in range(3):
+        for j in range(3):
+            out += up[:, i:i + h, j:j + wd, :] @ w[i, j]
+    return out
+
+
+@pytest.mark.parametrize("shape,c_out", [((2, 3, 5, 4), 6), ((1, 1, 1, 2), 3), ((3, 4, 4, 8), 8)])
+def test_upsample_conv3x3_matches_upsampling_then_convolving(shape, c_out):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=shape)
+    w = rng.normal(size=(3, 3, shape[-1], c_out))
+    got = jax.jit(upsample_conv3x3)(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+    b, h, wd, _ = shape
+    chex.assert_shape(got, (b, 2 * h, 2 * wd, c_out))
+    np.testing.assert_allclose(got, _upsample_conv_ref(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_upsample_conv3x3_kernel_by_hand():
+    # 1 input and 1 output channel, kernel rows/columns 1..9: phase (0, 0) reads
+    # input taps (i-1, i) x (j-1, j) with weights [w0, w1 + w2] along each axis.
+    w = jnp.arange(1.0, 10.0).reshape(3, 3, 1, 1)  # w[i, j] = 3 i + j + 1
+    k = np.asarray(upsample_conv3x3_kernel(w))[:, :, 0, :]  # [r, s, (a, b)]
+    m = np.arange(1.0, 10.0).reshape(3, 3)
+    fold = [np.array([[1, 0, 0], [0, 1, 1]]), np.array([[1, 1, 0], [0, 0, 1]])]  # phase a: taps x rows
+    for a in (0, 1):
+        for b in (0, 1):
+            np.testing.assert_array_equal(k[:, :, 2 * a + b], fold[a] @ m @ fold[b].T)
+    np.testing.assert_array_equal(k[:, :, 0], [[1, 2 + 3], [4 + 7, 5 + 6 + 8 + 9]])
+
+
+def test_upsample_conv3x3_gradient_matches_autodiff_of_the_formula():
+    kx, kw, kg = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(kx, (2, 4, 6, 8))
+    w = jax.random.normal(kw, (3, 3, 8, 5)) / 8
+    g = jax.random.normal(kg, (2, 8, 12, 5))
+
+    def formula(x, w):
+        u = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return jax.lax.conv_general_dilated(u, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    want = jax.vjp(formula, x, w)[1](g)
+    got = jax.jit(lambda x, w, g: jax.vjp(upsample_conv3x3, x, w)[1](g))(x, w, g)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_upsample_conv3x3_in_bfloat16_and_bad_shapes():
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 8, 8)) / 8
+    out = upsample_conv3x3(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out.astype(jnp.float32), upsample_conv3x3(x, w), rtol=0.05, atol=0.05)
+    dx, dw = jax.grad(lambda x, w: upsample_conv3x3(x, w).astype(jnp.float32).sum(), argnums=(0, 1))(
+        x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    assert dx.dtype == dw.dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match=r"kernel \[3, 3, C, C_out\]"):
+        upsample_conv3x3(x, jnp.zeros((3, 3, 4, 8)))
+    with pytest.raises(ValueError, match=r"kernel \[3, 3, C, C_out\]"):
+        upsample_conv3x3(x, jnp.zeros((1, 1, 8, 8)))
+
+
+class _RepeatThenConv(nn.Module):
+    """The upsampling layer as first written: repeat each pixel 2x2, then ``nn.Conv``."""
+
+    @nn.compact
+    def __call__(self, x):
+        u = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return nn.Conv(x.shape[-1], (3, 3), padding="SAME", kernel_init=_default_init, name="conv")(u)
+
+
+def test_upsample_module_is_repeat_then_flax_conv():
+    # Same parameter names, shapes and initial values as the nn.Conv it replaces,
+    # and the same output.
+    x = jax.random.normal(jax.random.key(5), (2, 4, 4, 16))
+    p_theirs = _RepeatThenConv().init(jax.random.key(0), x)["params"]
+    p_ours = Upsample().init(jax.random.key(0), x)["params"]
+    chex.assert_trees_all_equal(p_ours, p_theirs)
+    p = {"conv": {"kernel": p_theirs["conv"]["kernel"], "bias": jnp.linspace(-1, 1, 16)}}
+    np.testing.assert_allclose(Upsample().apply({"params": p}, x), _RepeatThenConv().apply({"params": p}, x),
+                               rtol=1e-5, atol=1e-5)
+    zero = UpsampleConv(4, zero_init=True).init(jax.random.key(0), x)["params"]
+    assert not np.any(zero["kernel"]) and zero["kernel"].shape == (3, 3, 16, 4)
+
+
+class _RepeatThenConvAs(nn.Module):
+    """Stand-in for ``UpsampleConv`` (same fields and parameters) that upsamples first."""
+
+    features: int
+    dtype: jnp.dtype = jnp.float32
+    zero_init: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        u = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        conv = nn.Conv(self.features, (3, 3), padding="SAME", dtype=self.dtype, name="conv")
+        # Parameters at this module's own level, as UpsampleConv has them.
+        return conv.apply({"params": {"kernel": self.param("kernel", _default_init, (3, 3, x.shape[-1], self.features)),
+                                      "bias": self.param("bias", nn.initializers.zeros_init(), (self.features,))}}, u)
+
+
+@pytest.mark.parametrize("updown", [False, True])
+def test_unet_output_is_unchanged_by_computing_upsampling_on_the_small_map(updown, monkeypatch):
+    # The whole network, Upsample layers (updown=False) or ADM's upsampling
+    # residual blocks (updown=True), against the same network with the
+    # upsampled map written out.
+    from diffusion_jax.models import unet as unet_module
+
+    config = UNetConfig(**SMALL, resblock_updown=updown, scale_shift_norm=updown)
+    params = _random_params(config)
+    x, t, _ = _inputs(jax.random.key(4))
+    ours = UNet(config).apply({"params": params}, x, t, train=False)
+    monkeypatch.setattr(unet_module, "UpsampleConv", _RepeatThenConvAs)
+    reference = UNet(config).apply({"params": params}, x, t, train=False)
+    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4)
+    assert np.abs(np.asarray(ours)).mean() > 1e-2

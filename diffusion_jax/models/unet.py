@@ -32,6 +32,9 @@ as one matmul per kernel tap (:func:`conv_weight_grad_by_taps`) instead of
 XLA's own backward-filter convolution, which XLA:CPU runs at a fifth to a
 third of its forward convolution speed on 32x32 and 16x16 maps (BENCHMARKS.md).
 The choice is ``UNetConfig.conv_weight_grad``; values are the same either way.
+Each 2x upsampling and the 3x3 conv after it are one op on the small map
+(:func:`upsample_conv3x3`): 4 instead of 9 multiplies per output, on any
+backend, 6% of the 35.7M model's FLOPs.
 """
 
 from __future__ import annotations
@@ -99,7 +102,8 @@ class UNetConfig:
         "taps" for the convolutions where it is faster there: >= 8192 output
         positions per device (the per-device batch times the output map) and
         >= 128 channels; "xla" elsewhere). Speed only:
-        the gradient is the same up to float rounding.
+        the gradient is the same up to float rounding. (The convolutions that
+        follow a 2x upsampling always take their own path, :func:`upsample_conv3x3`.)
     """
 
     ch: int = 128
@@ -445,6 +449,125 @@ def _upsample_nearest_2x(x: jax.Array) -> jax.Array:
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
+def _phase_taps(v: jax.Array, axis: int) -> jax.Array:
+    """The 3 kernel taps along ``axis`` folded into 2 per output phase: ``[2 (phase), 2 (tap), ...]``.
+
+    Phase 0 (even output rows) reads input rows ``i - 1, i, i`` through taps
+    ``0, 1, 2``; phase 1 (odd rows) reads ``i, i, i + 1``; see :func:`upsample_conv3x3`.
+    """
+    w0, w1, w2 = (jnp.take(v, i, axis) for i in range(3))
+    return jnp.stack([jnp.stack([w0, w1 + w2]), jnp.stack([w0 + w1, w2])])
+
+
+def upsample_conv3x3_kernel(kernel: jax.Array) -> jax.Array:
+    """The ``[2, 2, C_in, 4 C_out]`` kernel of :func:`upsample_conv3x3`'s 2x2 convolution.
+
+    Output channel ``(a, b, o)`` (row-major) holds output phase ``(a, b)``'s
+    kernel for channel ``o``.
+    """
+    rows = _phase_taps(kernel, 0)  # [a, r, 3, C_in, C_out]
+    both = _phase_taps(rows, 2)  # [b, s, a, r, C_in, C_out]
+    c_in, c_out = kernel.shape[2:]
+    return both.transpose(3, 1, 4, 2, 0, 5).reshape(2, 2, c_in, 4 * c_out)
+
+
+def _patches_2x2(x: jax.Array) -> jax.Array:
+    """``[B, H+1, W+1, 4 C]``: the 2x2 windows of ``x`` zero-padded by 1, taps ``(r, s)`` row-major."""
+    _, h, w, _ = x.shape
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return jnp.concatenate([xp[:, r:r + h + 1, s:s + w + 1] for r in (0, 1) for s in (0, 1)], axis=-1)
+
+
+@jax.custom_vjp
+def _conv2x2_padded(x: jax.Array, k: jax.Array) -> jax.Array:
+    """2x2 VALID convolution of ``x`` zero-padded by 1 (``[B, H+1, W+1, N]``); gradient by matmuls."""
+    return jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
+
+
+def _conv2x2_padded_fwd(x, k):
+    return _conv2x2_padded(x, k), (x, k)
+
+
+def _conv2x2_padded_bwd(residuals, dz):
+    # As im2col matmuls (P the patches, K the [4 C, N] kernel, z = P K):
+    # dK = P^T dz, dP = dz K^T, and dx collects each patch entry back to its
+    # pixel. XLA:CPU's backward-filter convolution for this shape (a 2x2
+    # kernel with 4x the output channels) is ~100x slower than these matmuls.
+    x, k = residuals
+    b, h, w, c = x.shape
+    n = k.shape[-1]
+    dz2 = dz.reshape(-1, n)
+    dk = jnp.einsum("tk,tn->kn", _patches_2x2(x).reshape(-1, 4 * c), dz2, preferred_element_type=jnp.float32)
+    dp = jnp.einsum("tn,kn->tk", dz2, k.reshape(4 * c, n), preferred_element_type=jnp.float32)
+    dp = dp.reshape(b, h + 1, w + 1, 4, c)
+    # Patch tap (r, s) at position (p, q) read padded pixel (p + r, q + s), i.e. x[p + r - 1, q + s - 1].
+    dx = sum(jnp.pad(dp[..., 2 * r + s, :], ((0, 0), (r, 1 - r), (s, 1 - s), (0, 0)))[:, 1:h + 1, 1:w + 1]
+             for r in (0, 1) for s in (0, 1))
+    return dx.astype(x.dtype), dk.reshape(k.shape).astype(k.dtype)
+
+
+_conv2x2_padded.defvjp(_conv2x2_padded_fwd, _conv2x2_padded_bwd)
+
+
+def upsample_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``conv3x3(upsample_nearest_2x(x), kernel)`` ("SAME" padding, stride 1) without the upsampled map.
+
+    Nearest-neighbour upsampling repeats each input pixel in a 2x2 block, so
+    output row ``2i + a`` of the 3x3 convolution reads upsampled rows
+    ``2i + a - 1 .. 2i + a + 1``, which are input rows ``i - 1, i, i`` (``a = 0``)
+    or ``i, i, i + 1`` (``a = 1``): kernel rows that read the same input row add
+    up, and each output phase ``(a, b)`` is a 2x2 convolution of ``x`` with taps
+    ``[w0, w1 + w2]`` (``a = 0``) or ``[w0 + w1, w2]`` (``a = 1``) along each axis.
+    With ``x`` zero-padded by 1, phase ``a``'s taps start at padded row ``i + a``,
+    so one 2x2 convolution with the four phases' kernels as ``4 C_out`` output
+    channels (:func:`upsample_conv3x3_kernel`) gives every output:
+    ``y[2i + a, 2j + b] = z[i + a, j + b, (a, b)]``. The zero padding of the
+    upsampled map is the zero padding of ``x``, so borders are exact too.
+
+    That is 4 multiplies per output and input channel instead of 9 (the
+    convolution runs on ``(H + 1)(W + 1)`` positions for ``4 H W`` outputs),
+    and the ``[B, 2H, 2W, C]`` upsampled map is never written. Its gradient
+    is computed as matmuls (see ``_conv2x2_padded``). Equal to the
+    upsample-then-convolve formula up to float rounding (the tap sums).
+
+    Args:
+      x: ``[B, H, W, C_in]``.
+      kernel: ``[3, 3, C_in, C_out]`` (HWIO), the same dtype as ``x``.
+
+    Returns:
+      ``[B, 2H, 2W, C_out]``.
+    """
+    if x.ndim != 4 or kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[-1]:
+        raise ValueError(f"upsample_conv3x3: needs x [B, H, W, C] and kernel [3, 3, C, C_out], "
+                         f"got {x.shape} and {kernel.shape}")
+    b, h, w, _ = x.shape
+    c_out = kernel.shape[-1]
+    z = _conv2x2_padded(x, upsample_conv3x3_kernel(kernel)).reshape(b, h + 1, w + 1, 2, 2, c_out)
+    rows = [jnp.stack([z[:, a:a + h, s:s + w, a, s] for s in (0, 1)], axis=3) for a in (0, 1)]
+    return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, c_out)
+
+
+class UpsampleConv(nn.Module):
+    """Nearest 2x upsampling followed by a 3x3 conv, as :func:`upsample_conv3x3`.
+
+    The parameters are those of the ``nn.Conv(features, (3, 3), padding="SAME")``
+    it replaces (``kernel`` ``[3, 3, C_in, features]``, ``bias`` ``[features]``;
+    same names, shapes and initialisers), so checkpoints are interchangeable.
+    """
+
+    features: int
+    dtype: jnp.dtype = jnp.float32
+    zero_init: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", _zero_init if self.zero_init else _default_init,
+                            (3, 3, x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return upsample_conv3x3(x, kernel) + bias
+
+
 def _avg_pool_2x(x: jax.Array) -> jax.Array:
     """``[B, H, W, C] -> [B, H/2, W/2, C]``, the mean of each 2x2 block."""
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
@@ -473,10 +596,11 @@ class ResBlock(nn.Module):
     def __call__(self, x: jax.Array, emb: jax.Array, *, train: bool) -> jax.Array:
         h = nn.swish(_group_norm(self.dtype, "norm1")(x))
         if self.resample == "up":
-            h, x = _upsample_nearest_2x(h), _upsample_nearest_2x(x)
-        elif self.resample == "down":
-            h, x = _avg_pool_2x(h), _avg_pool_2x(x)
-        h = _conv3x3(self.out_ch, self.dtype, "conv1", weight_grad=self.conv_weight_grad)(h)
+            h, x = UpsampleConv(self.out_ch, self.dtype, name="conv1")(h), _upsample_nearest_2x(x)
+        else:
+            if self.resample == "down":
+                h, x = _avg_pool_2x(h), _avg_pool_2x(x)
+            h = _conv3x3(self.out_ch, self.dtype, "conv1", weight_grad=self.conv_weight_grad)(h)
 
         emb_features = 2 * self.out_ch if self.scale_shift_norm else self.out_ch
         emb_out = _dense(emb_features, self.dtype, "temb_proj")(nn.swish(emb))[:, None, None, :]
@@ -534,15 +658,16 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double the spatial size: nearest-neighbour repeat, then a 3x3 conv (Ho et al. 2020)."""
+    """Double the spatial size: nearest-neighbour repeat, then a 3x3 conv (Ho et al. 2020).
+
+    Computed as one op on the low-resolution map (:class:`UpsampleConv`).
+    """
 
     dtype: jnp.dtype = jnp.float32
-    conv_weight_grad: str = "auto"  # see UNetConfig.conv_weight_grad
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        conv = _conv3x3(x.shape[-1], self.dtype, "conv", weight_grad=self.conv_weight_grad)
-        return conv(_upsample_nearest_2x(x))
+        return UpsampleConv(x.shape[-1], self.dtype, name="conv")(x)
 
 
 class UNet(nn.Module):
@@ -618,7 +743,7 @@ class UNet(nn.Module):
                 if cfg.resblock_updown:
                     h = res_block(h, h.shape[-1], f"up_{level}_upsample", "up")
                 else:
-                    h = Upsample(dtype, cfg.conv_weight_grad, name=f"up_{level}_upsample")(h)
+                    h = Upsample(dtype, name=f"up_{level}_upsample")(h)
         assert not hs, "every skip activation is consumed on the way up"
 
         h = nn.swish(_group_norm(dtype, "norm_out")(h))
