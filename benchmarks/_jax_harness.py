@@ -85,6 +85,7 @@ def add_device_args(parser) -> None:
                         help="split the CPU into this many XLA devices (data parallel; default: as "
                              "train.py, one per core, as many as divide the batch)")
     parser.add_argument("--xla-flags", default="", help="extra XLA flags, space-separated")
+    _report.add_allocator_arg(parser)
 
 
 def _positive_int(text: str) -> int:
@@ -263,4 +264,6 @@ def common_fields(devices) -> dict[str, Any]:
         "num_devices": len(devices),
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "allocator": _report.allocator_name(),
     }
+

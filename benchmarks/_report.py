@@ -16,11 +16,18 @@ Fields every record carries (`REQUIRED_FIELDS`):
   img_per_s   median over repeats of images per second
 Usual extra fields: img_per_s_spread ([min, max] over repeats),
 median_s_per_step, repeats, steps, compile_s, params, versions, sampler,
-num_steps, notes.
+num_steps, notes, allocator.
+
+Every script, ours and the peers', runs under the same host allocator:
+jemalloc, keeping freed pages, where it is installed (`run_script`,
+`--allocator system` to opt out), as `train.py` does.
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
+import importlib.util
 import json
 import math
 import os
@@ -28,7 +35,8 @@ import platform
 import statistics
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, TextIO
+from pathlib import Path
+from typing import Any, Callable, TextIO
 
 REQUIRED_FIELDS = ("impl", "task", "workload", "device", "batch", "dtype", "img_per_s")
 
@@ -124,3 +132,45 @@ def parse_records(lines: Iterable[str]) -> list[dict[str, Any]]:
         if isinstance(obj, dict) and all(k in obj for k in REQUIRED_FIELDS):
             records.append(obj)
     return records
+
+
+@functools.lru_cache(maxsize=None)
+def _allocator_module():
+    """`diffusion_jax/allocator.py` (standard library only), loaded by path so that the
+    PyTorch scripts do not import the diffusion_jax package (and JAX) with it."""
+    path = Path(__file__).resolve().parents[1] / "diffusion_jax" / "allocator.py"
+    spec = importlib.util.spec_from_file_location("_diffusion_jax_allocator", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def add_allocator_arg(parser: argparse.ArgumentParser) -> None:
+    """`--allocator`, read by `run_script` before the script's own parsing."""
+    parser.add_argument("--allocator", choices=("jemalloc", "system"), default="jemalloc",
+                        help="jemalloc (default, as train.py: run as a script, it re-runs itself under "
+                             "jemalloc, keeping freed pages, where libjemalloc2 is installed; "
+                             "diffusion_jax/allocator.py) or the system malloc")
+
+
+def run_script(main: Callable[[], Any]) -> None:
+    """A script's entry point: re-run under jemalloc unless `--allocator system`, then exit with `main()`.
+
+    The re-run (`diffusion_jax.allocator.relaunch_under_jemalloc`) happens here
+    and not in `main`, so that calling `main(argv)` from Python never replaces
+    the calling process.
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    add_allocator_arg(parser)
+    known, _ = parser.parse_known_args()
+    if known.allocator == "jemalloc":
+        _allocator_module().relaunch_under_jemalloc()
+    sys.exit(main())
+
+
+def allocator_name() -> str:
+    """"jemalloc (MALLOC_CONF)" if this process runs under jemalloc, else "system"."""
+    if not _allocator_module().jemalloc_loaded():
+        return "system"
+    conf = os.environ.get("MALLOC_CONF")
+    return f"jemalloc ({conf})" if conf else "jemalloc"

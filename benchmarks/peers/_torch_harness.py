@@ -133,6 +133,7 @@ def parse_args(impl: str, argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
     p.add_argument("--seed", type=int, default=0)
+    _report.add_allocator_arg(p)
     args = p.parse_args(argv)
 
     if args.device == "auto":
@@ -303,6 +304,7 @@ def record(impl: str, args: argparse.Namespace, device: torch.device, *, params:
         "compiled": bool(args.compile),
         **({"compile_cache": args.compile_cache} if args.compile else {}),
         "load_avg_1m": round(os.getloadavg()[0], 2),
+        "allocator": _report.allocator_name(),
     }
     if args.task == "sample":
         rec["sampler"] = args.sampler

@@ -23,6 +23,7 @@ import sys
 from typing import Any
 
 import _torch_harness as harness
+import _report  # noqa: E402  (on sys.path through _torch_harness)
 
 import diffusers  # noqa: E402
 import torch  # noqa: E402
@@ -199,4 +200,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    _report.run_script(main)

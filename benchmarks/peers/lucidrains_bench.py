@@ -35,6 +35,7 @@ import types
 from typing import Any
 
 import _torch_harness as harness
+import _report  # noqa: E402  (on sys.path through _torch_harness)
 
 import torch  # noqa: E402
 
@@ -203,4 +204,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    _report.run_script(main)
