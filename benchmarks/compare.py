@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sampler", default=None, help="sample: ddpm, ddim or dpmpp (passed through)")
     p.add_argument("--num-steps", type=int, default=None, help="sample: sampler steps (passed through)")
     p.add_argument("--peer-compile", action="store_true", help="run the PyTorch peers under torch.compile")
+    p.add_argument("--allocator", choices=("jemalloc", "system"), default=None,
+                   help="host allocator for every implementation alike (passed through; the scripts' "
+                        "default is jemalloc where installed)")
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per run")
     p.add_argument("--jsonl", type=Path, default=None, help="append every collected record to this file")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
@@ -102,7 +105,7 @@ def command(impl: Impl, args: argparse.Namespace) -> list[str]:
     cmd = [sys.executable, str(impl.script(args.task)), "--workload", args.workload]
     if impl.is_peer:
         cmd += ["--task", args.task]
-    opt = {"--batch": args.batch}
+    opt = {"--batch": args.batch, "--allocator": args.allocator}
     if args.task == "train":
         opt.update({"--repeats": args.repeats, "--steps": args.steps, "--dtype": args.dtype})
     else:
@@ -158,6 +161,7 @@ def summary_rows(records: dict[str, list[dict]], impls: list[str]) -> list[dict]
             "compiled": last.get("compiled"),
             "params": last.get("params"),
             "device": last["device"],
+            "allocator": last.get("allocator"),
         })
     ours = next((r["img_per_s"] for r in rows if r["key"] == "ours" and r["img_per_s"]), None)
     for r in rows:
@@ -172,6 +176,9 @@ def format_table(rows: list[dict], args: argparse.Namespace) -> str:
     devices = sorted({r["device"] for r in rows if r["img_per_s"]})
     if devices:
         lines.append("device: " + " | ".join(devices))
+    allocators = sorted({str(r["allocator"]) for r in rows if r["img_per_s"]})
+    if allocators:
+        lines.append("allocator: " + " | ".join(allocators))
     header = f"{'impl':<14} {'batch':>5} {'dtype':<20} {'compiled':<8} {'params':>12} " \
              f"{'img/s':>10} {'per round':<24} {'ours / impl':>11}"
     lines += [header, "-" * len(header)]

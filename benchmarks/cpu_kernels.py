@@ -15,7 +15,12 @@ installed, in PyTorch (`nn.Conv2d`, oneDNN):
   what the UNet uses on CPU for large maps);
 * `fwd_bwd`: PyTorch's forward + backward (input and kernel gradient), as
   3 x the convolution's FLOPs over the time;
-* `dot`: a 4096^3 matmul, the machine's practical matmul peak.
+* `dot`: a 4096^3 matmul, the machine's practical matmul peak;
+* `upsample ...` (XLA only): the UNet's upsampling layer (2x nearest, then a
+  3x3 convolution) written out (`*_repeat`) and as the UNet computes it on the
+  small map (`*_fused`, `diffusion_jax.models.unet.upsample_conv3x3`), forward
+  and forward + both gradients (`train_*`), as the written-out convolution's
+  FLOPs over the time.
 
 Each figure is FLOPs (2 x multiply-adds) / median seconds over `--repeats`
 calls after one warm-up call. One JSON line per implementation on stdout
@@ -46,6 +51,11 @@ SHAPES = {
                      (32, 4, 256, 256)],
     "tiny": [(64, 16, 32, 32), (64, 16, 64, 32), (64, 16, 32, 64), (64, 8, 64, 64)],
 }
+# (batch, size before upsampling, c_in, c_out) of the upsampling layers' convolutions.
+UPSAMPLE_SHAPES = {
+    "ddpm_cifar10": [(32, 16, 256, 256), (32, 8, 256, 256), (32, 4, 256, 256)],
+    "tiny": [(64, 8, 64, 64)],
+}
 
 
 def gflops(flops: float, seconds: float) -> float:
@@ -62,7 +72,7 @@ def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
     return float(np.median(times))
 
 
-def xla_kernels(shapes, dtype: str, repeats: int) -> dict[str, dict[str, float]]:
+def xla_kernels(shapes_name: str, dtype: str, repeats: int) -> dict[str, dict[str, float]]:
     import jax
     import jax.numpy as jnp
 
@@ -78,7 +88,7 @@ def xla_kernels(shapes, dtype: str, repeats: int) -> dict[str, dict[str, float]]
     dw = jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])
     dw_taps = jax.jit(lambda x, g: conv_weight_grad_by_taps(x, g, (3, 3), (1, 1), ((1, 1), (1, 1))))
     out = {}
-    for b, s, ci, co in shapes:
+    for b, s, ci, co in SHAPES[shapes_name]:
         x = jax.random.normal(jax.random.key(0), (b, s, s, ci), dt)
         w = (jax.random.normal(jax.random.key(1), (3, 3, ci, co)) * 0.05).astype(dt)
         g = jax.random.normal(jax.random.key(2), (b, s, s, co), dt)
@@ -88,9 +98,46 @@ def xla_kernels(shapes, dtype: str, repeats: int) -> dict[str, dict[str, float]]
         out[_name(b, s, ci, co)] = {
             k: gflops(flops, median_seconds(lambda f=f: jax.block_until_ready(f()), repeats))
             for k, f in calls.items()}
+    out.update(upsample_kernels(UPSAMPLE_SHAPES[shapes_name], dt, repeats))
     a = jax.random.normal(jax.random.key(3), (4096, 4096), dt)
     matmul = jax.jit(jnp.dot)
     out["dot_4096"] = {"dot": gflops(2 * 4096**3, median_seconds(lambda: jax.block_until_ready(matmul(a, a)), repeats))}
+    return out
+
+
+def upsample_kernels(shapes, dt, repeats: int) -> dict[str, dict[str, float]]:
+    """A 2x nearest upsampling + 3x3 convolution, written out (`repeat`, then XLA's
+    convolution, its kernel gradient by taps where the UNet would use them) and
+    as the UNet computes it (`fused`: `upsample_conv3x3` on the small map).
+
+    GFLOP/s are the written-out convolution's FLOPs over the time, so the two
+    compare as speeds of the same layer; `train` is forward + both gradients.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from diffusion_jax.models.unet import _conv_general_dilated_taps_where_faster, upsample_conv3x3
+
+    def repeat(x, w):
+        u = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return _conv_general_dilated_taps_where_faster(u, w, (1, 1), "SAME",
+                                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def train(f):
+        return jax.jit(lambda x, w, g: jax.vjp(f, x, w)[1](g))
+
+    out = {}
+    for b, s, ci, co in shapes:
+        x = jax.random.normal(jax.random.key(0), (b, s, s, ci), dt)
+        w = (jax.random.normal(jax.random.key(1), (3, 3, ci, co)) * 0.05).astype(dt)
+        g = jax.random.normal(jax.random.key(2), (b, 2 * s, 2 * s, co), dt)
+        flops = 2 * b * (2 * s) ** 2 * 9 * ci * co
+        calls = {"fwd_repeat": (jax.jit(repeat), (x, w)), "fwd_fused": (jax.jit(upsample_conv3x3), (x, w)),
+                 "train_repeat": (train(repeat), (x, w, g)), "train_fused": (train(upsample_conv3x3), (x, w, g))}
+        out[f"upsample {_name(b, s, ci, co)}"] = {
+            k: gflops(flops * (3 if k.startswith("train") else 1),
+                      median_seconds(lambda f=f, a=a: jax.block_until_ready(f(*a)), repeats))
+            for k, (f, a) in calls.items()}
     return out
 
 
@@ -150,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = SHAPES[args.shapes]
     common = {"task": "kernels", "shapes": args.shapes, "dtype": args.dtype, "unit": "GFLOP/s",
               **harness.common_fields(devices), "versions": harness.versions()}
-    _print({"impl": "xla", **common, "gflops": xla_kernels(shapes, args.dtype, args.repeats)})
+    _print({"impl": "xla", **common, "gflops": xla_kernels(args.shapes, args.dtype, args.repeats)})
     if not args.no_torch:
         found = torch_kernels(shapes, args.dtype, args.repeats, threads=usable_cpu_count())
         if found is None:

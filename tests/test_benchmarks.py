@@ -264,15 +264,18 @@ def test_cpu_kernels_times_every_kernel_of_every_shape(monkeypatch):
     import cpu_kernels
 
     monkeypatch.setitem(cpu_kernels.SHAPES, "tiny", [(2, 4, 8, 8), (1, 6, 4, 8)])
+    monkeypatch.setitem(cpu_kernels.UPSAMPLE_SHAPES, "tiny", [(2, 3, 8, 4)])
     monkeypatch.setattr(cpu_kernels, "torch_kernels", lambda *a, **k: None)
     out = io.StringIO()
     with redirect_stdout(out):
         assert cpu_kernels.main(["--shapes", "tiny", "--repeats", "1"]) == 0
     (rec,) = [json.loads(line) for line in out.getvalue().splitlines()]
     assert rec["impl"] == "xla" and rec["task"] == "kernels" and rec["dtype"] == "float32"
-    assert set(rec["gflops"]) == {"b2 4x4 8->8", "b1 6x6 4->8", "dot_4096"}
+    assert set(rec["gflops"]) == {"b2 4x4 8->8", "b1 6x6 4->8", "upsample b2 3x3 8->4", "dot_4096"}
     for name, kernels in rec["gflops"].items():
-        want = {"dot"} if name == "dot_4096" else {"fwd", "dx", "dw", "dw_taps"}
+        want = ({"dot"} if name == "dot_4096" else
+                {"fwd_repeat", "fwd_fused", "train_repeat", "train_fused"} if name.startswith("upsample") else
+                {"fwd", "dx", "dw", "dw_taps"})
         assert set(kernels) == want, name
         assert all(np.isfinite(v) and v > 0 for v in kernels.values()), (name, kernels)
     with pytest.raises(SystemExit):
