@@ -9,6 +9,7 @@ Any config field can be overridden: --config.batch_size=64 --config.model.ch=64.
 """
 import logging
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -56,18 +57,33 @@ def _default_cpu_devices(batch_size) -> int:
         return 1
 
 
+def _wants_jemalloc(argv) -> bool:
+    """``--jemalloc``'s value read from the raw command line (absl's syntax; the last one wins),
+    before absl parses it: the relaunch has to come before anything else runs."""
+    wants = _JEMALLOC.default
+    for arg in argv[1:]:
+        if arg == "--":
+            break
+        if arg in ("--jemalloc", "-jemalloc"):
+            wants = True
+        elif arg in ("--nojemalloc", "-nojemalloc"):
+            wants = False
+        elif arg.lstrip("-").startswith("jemalloc=") and arg.startswith("-"):
+            wants = arg.split("=", 1)[1].lower() in ("true", "t", "1")
+    return wants
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if _JEMALLOC.value:
-        allocator.relaunch_under_jemalloc()  # returns only if jemalloc is loaded already or not installed
     # Our progress and results at INFO; other libraries (Orbax) at WARNING
     # unless --verbosity is given.
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("diffusion_jax").setLevel(logging.INFO)
+    settings = allocator.jemalloc_decay_settings()
     logging.getLogger("diffusion_jax").info(
-        "host allocator: %s", "jemalloc" if allocator.jemalloc_loaded() else "system malloc")
+        "host allocator: %s", f"jemalloc ({settings})" if settings else "system malloc")
     # Before anything starts a JAX backend: how many devices the CPU backend shows.
     requested = _CPU_DEVICES.value or _default_cpu_devices(_CONFIG.value.batch_size)
     if not parallel.request_cpu_devices(requested) and _CPU_DEVICES.value is not None:
@@ -84,4 +100,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    if _wants_jemalloc(sys.argv):
+        allocator.relaunch_under_jemalloc()  # returns only where it does not apply
     app.run(main)

@@ -169,8 +169,9 @@ def run_script(main: Callable[[], Any]) -> None:
 
 
 def allocator_name() -> str:
-    """"jemalloc (MALLOC_CONF)" if this process runs under jemalloc, else "system"."""
-    if not _allocator_module().jemalloc_loaded():
+    """"jemalloc (its decay settings)" if this process runs under jemalloc, else "system"."""
+    module = _allocator_module()
+    if not module.jemalloc_loaded():
         return "system"
-    conf = os.environ.get("MALLOC_CONF")
-    return f"jemalloc ({conf})" if conf else "jemalloc"
+    settings = module.jemalloc_decay_settings()
+    return f"jemalloc ({settings})" if settings else "jemalloc"

@@ -176,7 +176,7 @@ def format_table(rows: list[dict], args: argparse.Namespace) -> str:
     devices = sorted({r["device"] for r in rows if r["img_per_s"]})
     if devices:
         lines.append("device: " + " | ".join(devices))
-    allocators = sorted({str(r["allocator"]) for r in rows if r["img_per_s"]})
+    allocators = sorted({r["allocator"] or "not recorded" for r in rows if r["img_per_s"]})
     if allocators:
         lines.append("allocator: " + " | ".join(allocators))
     header = f"{'impl':<14} {'batch':>5} {'dtype':<20} {'compiled':<8} {'params':>12} " \

@@ -43,6 +43,7 @@ from typing import Any, Callable
 import numpy as np
 
 import _jax_harness as harness
+import _report
 from _report import usable_cpu_count
 
 # (batch, size, c_in, c_out) of the 3x3 stride-1 convolutions.
@@ -185,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--xla-flags", default="", help="extra XLA flags, space-separated")
     p.add_argument("--no-torch", action="store_true", help="time XLA only")
+    _report.add_allocator_arg(p)
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
@@ -211,4 +213,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _report.run_script(main)

@@ -10,8 +10,9 @@ sample grid (DPM-Solver++, 25 steps) and the test-set NLL over all 297 test
 images with the full T = 1000-step bound (nll.json).
 
 Cost on 2 idle CPU cores (train.py splits them into 2 XLA devices),
-compilation included: 12.5-14.3 training steps/s at batch 64 and 4 min 51 s
-for the whole run, NLL (297 x 1000 UNet evaluations) included; it took 11-19
+compilation included: 16.9 training steps/s at batch 64 and 4 min 1 s for
+the whole run under jemalloc (third session; 12.5-14.3 steps/s and 4 min 51 s
+before the upsampling change and the allocator), NLL (297 x 1000 UNet evaluations) included; it took 11-19
 minutes on the same kind of machine shared with other busy processes.
 Result: recognisable digits and a test NLL of 4.77 bits/dim (4.76 in an
 earlier run on one device).

@@ -10,6 +10,8 @@ CPU devices.
 import dataclasses
 import io
 import json
+import os
+import subprocess
 import sys
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -80,8 +82,7 @@ def test_train_throughput_reports_one_record_per_measurement(smoke_workload):
         assert r["flops_per_img"] > 3 * 2 * (8 * 8 * 9 * 1 * 32)
         assert r["mfu"] is None or 0 < r["mfu"] < 1
         assert r["peak_mem_bytes"] > 0
-        # This test process was not re-run: the allocator is whatever pytest runs under.
-        assert r["allocator"].startswith("jemalloc") == allocator.jemalloc_loaded()
+        assert r["allocator"] == "system" or r["allocator"].startswith("jemalloc (dirty_decay_ms:")
 
 
 @pytest.mark.parametrize("argv,relaunches", [
@@ -96,6 +97,36 @@ def test_scripts_rerun_under_jemalloc_unless_told_not_to(argv, relaunches, monke
         _report.run_script(lambda: calls.append("main") or 3)
     assert exit_info.value.code == 3
     assert calls == (["relaunch", "main"] if relaunches else ["main"])
+
+
+@pytest.mark.parametrize("script", ["train_throughput.py", "sample_throughput.py", "cpu_kernels.py",
+                                    "peers/diffusers_bench.py", "peers/lucidrains_bench.py"])
+def test_every_benchmark_script_starts_through_run_script(script):
+    # The allocator choice (--allocator) is made by _report.run_script, before main.
+    text = (BENCH_DIR / script).read_text()
+    main_block = text[text.index('if __name__ == "__main__":'):]
+    assert "_report.run_script(main)" in main_block and "--allocator" in _help_of(script, text)
+
+
+def _help_of(script, text):
+    # The flag is defined through _report.add_allocator_arg in the script or its harness.
+    harness_file = "peers/_torch_harness.py" if script.startswith("peers/") else "_jax_harness.py"
+    return text + (BENCH_DIR / harness_file).read_text() + (BENCH_DIR / "_report.py").read_text()
+
+
+@pytest.mark.skipif(allocator.find_jemalloc() is None, reason="jemalloc is not installed (libjemalloc2)")
+@pytest.mark.parametrize("argv,want", [([], "jemalloc (dirty_decay_ms:-1,muzzy_decay_ms:-1)"),
+                                       (["--allocator", "system"], "system")])
+def test_run_script_reruns_under_jemalloc_and_the_record_says_so(argv, want):
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import _report; "
+            "_report.run_script(lambda: print(_report.allocator_name()) or 0)")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_PRELOAD", "MALLOC_CONF", allocator.RELAUNCHED_ENV_VAR)}
+    env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run([sys.executable, "-c", code, str(BENCH_DIR), *argv], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == want
 
 
 def test_train_throughput_sweeps_batches_and_dtypes():

@@ -478,7 +478,8 @@ def test_upsample_conv3x3_kernel_by_hand():
     np.testing.assert_array_equal(k[:, :, 0], [[1, 2 + 3], [4 + 7, 5 + 6 + 8 + 9]])
 
 
-def test_upsample_conv3x3_gradient_matches_autodiff_of_the_formula():
+@pytest.mark.parametrize("grad_by_matmuls", [True, False])
+def test_upsample_conv3x3_gradient_matches_autodiff_of_the_formula(grad_by_matmuls):
     kx, kw, kg = jax.random.split(jax.random.key(3), 3)
     x = jax.random.normal(kx, (2, 4, 6, 8))
     w = jax.random.normal(kw, (3, 3, 8, 5)) / 8
@@ -489,7 +490,8 @@ def test_upsample_conv3x3_gradient_matches_autodiff_of_the_formula():
         return jax.lax.conv_general_dilated(u, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     want = jax.vjp(formula, x, w)[1](g)
-    got = jax.jit(lambda x, w, g: jax.vjp(upsample_conv3x3, x, w)[1](g))(x, w, g)
+    fn = functools.partial(upsample_conv3x3, grad_by_matmuls=grad_by_matmuls)
+    got = jax.jit(lambda x, w, g: jax.vjp(fn, x, w)[1](g))(x, w, g)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
@@ -500,13 +502,24 @@ def test_upsample_conv3x3_in_bfloat16_and_bad_shapes():
     out = upsample_conv3x3(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(out.astype(jnp.float32), upsample_conv3x3(x, w), rtol=0.05, atol=0.05)
-    dx, dw = jax.grad(lambda x, w: upsample_conv3x3(x, w).astype(jnp.float32).sum(), argnums=(0, 1))(
-        x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    g = jax.random.normal(jax.random.key(2), (2, 8, 8, 8))
+
+    def grads(x, w):
+        return jax.grad(lambda x, w: jnp.sum(upsample_conv3x3(x, w).astype(jnp.float32) * g), argnums=(0, 1))(x, w)
+
+    dx, dw = grads(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
     assert dx.dtype == dw.dtype == jnp.bfloat16
+    for low, full in zip((dx, dw), grads(x, w)):
+        scale = float(jnp.max(jnp.abs(full)))
+        np.testing.assert_allclose(low.astype(jnp.float32), full, atol=0.03 * scale)
+    # A float32 kernel with bfloat16 inputs: the taps are summed in float32, then cast.
+    assert upsample_conv3x3(x.astype(jnp.bfloat16), w).dtype == jnp.bfloat16
     with pytest.raises(ValueError, match=r"kernel \[3, 3, C, C_out\]"):
         upsample_conv3x3(x, jnp.zeros((3, 3, 4, 8)))
     with pytest.raises(ValueError, match=r"kernel \[3, 3, C, C_out\]"):
         upsample_conv3x3(x, jnp.zeros((1, 1, 8, 8)))
+    with pytest.raises(ValueError, match=r"kernel \[3, 3, C, C_out\]"):
+        upsample_conv3x3(x, jnp.zeros((3, 3, 8)))
 
 
 class _RepeatThenConv(nn.Module):

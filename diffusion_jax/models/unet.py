@@ -33,8 +33,8 @@ XLA's own backward-filter convolution, which XLA:CPU runs at a fifth to a
 third of its forward convolution speed on 32x32 and 16x16 maps (BENCHMARKS.md).
 The choice is ``UNetConfig.conv_weight_grad``; values are the same either way.
 Each 2x upsampling and the 3x3 conv after it are one op on the small map
-(:func:`upsample_conv3x3`): 4 instead of 9 multiplies per output, on any
-backend, 6% of the 35.7M model's FLOPs.
+(:func:`upsample_conv3x3`): about 4 instead of 9 multiplies per output on
+large maps, on any backend; 6% of the 35.7M model's FLOPs.
 """
 
 from __future__ import annotations
@@ -492,13 +492,15 @@ def _conv2x2_padded_bwd(residuals, dz):
     # As im2col matmuls (P the patches, K the [4 C, N] kernel, z = P K):
     # dK = P^T dz, dP = dz K^T, and dx collects each patch entry back to its
     # pixel. XLA:CPU's backward-filter convolution for this shape (a 2x2
-    # kernel with 4x the output channels) is ~100x slower than these matmuls.
+    # kernel with 4x the output channels) ran one to two orders of magnitude
+    # slower than these matmuls (jax 0.10, 4x4 to 16x16 maps, 128-256 channels).
     x, k = residuals
     b, h, w, c = x.shape
     n = k.shape[-1]
     dz2 = dz.reshape(-1, n)
-    dk = jnp.einsum("tk,tn->kn", _patches_2x2(x).reshape(-1, 4 * c), dz2, preferred_element_type=jnp.float32)
-    dp = jnp.einsum("tn,kn->tk", dz2, k.reshape(4 * c, n), preferred_element_type=jnp.float32)
+    acc = jnp.promote_types(dz.dtype, jnp.float32)  # accumulate in at least float32
+    dk = jnp.einsum("tk,tn->kn", _patches_2x2(x).reshape(-1, 4 * c), dz2, preferred_element_type=acc)
+    dp = jnp.einsum("tn,kn->tk", dz2, k.reshape(4 * c, n), preferred_element_type=acc)
     dp = dp.reshape(b, h + 1, w + 1, 4, c)
     # Patch tap (r, s) at position (p, q) read padded pixel (p + r, q + s), i.e. x[p + r - 1, q + s - 1].
     dx = sum(jnp.pad(dp[..., 2 * r + s, :], ((0, 0), (r, 1 - r), (s, 1 - s), (0, 0)))[:, 1:h + 1, 1:w + 1]
@@ -509,7 +511,12 @@ def _conv2x2_padded_bwd(residuals, dz):
 _conv2x2_padded.defvjp(_conv2x2_padded_fwd, _conv2x2_padded_bwd)
 
 
-def upsample_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def _conv2x2_padded_xla(x: jax.Array, k: jax.Array) -> jax.Array:
+    """``_conv2x2_padded`` with XLA's own gradient (cuDNN's on GPU)."""
+    return jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
+
+
+def upsample_conv3x3(x: jax.Array, kernel: jax.Array, *, grad_by_matmuls: bool | None = None) -> jax.Array:
     """``conv3x3(upsample_nearest_2x(x), kernel)`` ("SAME" padding, stride 1) without the upsampled map.
 
     Nearest-neighbour upsampling repeats each input pixel in a 2x2 block, so
@@ -524,25 +531,34 @@ def upsample_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     ``y[2i + a, 2j + b] = z[i + a, j + b, (a, b)]``. The zero padding of the
     upsampled map is the zero padding of ``x``, so borders are exact too.
 
-    That is 4 multiplies per output and input channel instead of 9 (the
-    convolution runs on ``(H + 1)(W + 1)`` positions for ``4 H W`` outputs),
-    and the ``[B, 2H, 2W, C]`` upsampled map is never written. Its gradient
-    is computed as matmuls (see ``_conv2x2_padded``). Equal to the
-    upsample-then-convolve formula up to float rounding (the tap sums).
+    That is ``4 (1 + 1/H)(1 + 1/W)`` multiplies per output and input channel
+    instead of 9 (the convolution runs on ``(H + 1)(W + 1)`` positions for
+    ``4 H W`` outputs): 4.5 from a 16x16 map, 6.25 from 4x4; and the
+    ``[B, 2H, 2W, C]`` upsampled map is never written. Equal to the
+    upsample-then-convolve formula up to float rounding (the tap sums, done
+    in at least float32 before the kernel is cast to ``x``'s dtype).
 
     Args:
-      x: ``[B, H, W, C_in]``.
-      kernel: ``[3, 3, C_in, C_out]`` (HWIO), the same dtype as ``x``.
+      x: ``[B, H, W, C_in]``; its dtype is the compute dtype.
+      kernel: ``[3, 3, C_in, C_out]`` (HWIO), any float dtype.
+      grad_by_matmuls: compute the gradient as im2col matmuls (see
+        ``_conv2x2_padded``) rather than by XLA's convolution gradients.
+        Default: on the CPU backend, where XLA's kernel gradient for this
+        shape is very slow; XLA's (cuDNN's) elsewhere.
 
     Returns:
       ``[B, 2H, 2W, C_out]``.
     """
-    if x.ndim != 4 or kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[-1]:
+    if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[-1]:
         raise ValueError(f"upsample_conv3x3: needs x [B, H, W, C] and kernel [3, 3, C, C_out], "
                          f"got {x.shape} and {kernel.shape}")
+    if grad_by_matmuls is None:
+        grad_by_matmuls = jax.default_backend() == "cpu"
     b, h, w, _ = x.shape
     c_out = kernel.shape[-1]
-    z = _conv2x2_padded(x, upsample_conv3x3_kernel(kernel)).reshape(b, h + 1, w + 1, 2, 2, c_out)
+    folded = upsample_conv3x3_kernel(kernel.astype(jnp.promote_types(kernel.dtype, jnp.float32)))
+    conv = _conv2x2_padded if grad_by_matmuls else _conv2x2_padded_xla
+    z = conv(x, folded.astype(x.dtype)).reshape(b, h + 1, w + 1, 2, 2, c_out)
     rows = [jnp.stack([z[:, a:a + h, s:s + w, a, s] for s in (0, 1)], axis=3) for a in (0, 1)]
     return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, c_out)
 
@@ -564,8 +580,8 @@ class UpsampleConv(nn.Module):
         kernel = self.param("kernel", _zero_init if self.zero_init else _default_init,
                             (3, 3, x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return upsample_conv3x3(x, kernel) + bias
+        x, bias = nn.dtypes.promote_dtype(x, bias, dtype=self.dtype)
+        return upsample_conv3x3(x, kernel) + bias  # the taps are summed in float32, then cast
 
 
 def _avg_pool_2x(x: jax.Array) -> jax.Array:
