@@ -478,10 +478,15 @@ def _patches_2x2(x: jax.Array) -> jax.Array:
     return jnp.concatenate([xp[:, r:r + h + 1, s:s + w + 1] for r in (0, 1) for s in (0, 1)], axis=-1)
 
 
+def _conv2x2_padded_xla(x: jax.Array, k: jax.Array) -> jax.Array:
+    """2x2 VALID convolution of ``x`` zero-padded by 1 (``[B, H+1, W+1, N]``); XLA's gradient."""
+    return jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
+
+
 @jax.custom_vjp
 def _conv2x2_padded(x: jax.Array, k: jax.Array) -> jax.Array:
-    """2x2 VALID convolution of ``x`` zero-padded by 1 (``[B, H+1, W+1, N]``); gradient by matmuls."""
-    return jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
+    """:func:`_conv2x2_padded_xla` with its gradient as matmuls."""
+    return _conv2x2_padded_xla(x, k)
 
 
 def _conv2x2_padded_fwd(x, k):
@@ -509,11 +514,6 @@ def _conv2x2_padded_bwd(residuals, dz):
 
 
 _conv2x2_padded.defvjp(_conv2x2_padded_fwd, _conv2x2_padded_bwd)
-
-
-def _conv2x2_padded_xla(x: jax.Array, k: jax.Array) -> jax.Array:
-    """``_conv2x2_padded`` with XLA's own gradient (cuDNN's on GPU)."""
-    return jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
 
 
 def upsample_conv3x3(x: jax.Array, kernel: jax.Array, *, grad_by_matmuls: bool | None = None) -> jax.Array:
