@@ -36,7 +36,8 @@ _CPU_DEVICES = flags.DEFINE_integer(
 _JEMALLOC = flags.DEFINE_boolean(
     "jemalloc", True,
     "Re-run this command under jemalloc, keeping freed pages for reuse, where jemalloc is installed "
-    "(libjemalloc2): XLA:CPU steps of large models are faster (diffusion_jax/allocator.py). "
+    "(libjemalloc2) and JAX will run on the CPU: XLA:CPU steps of large models are faster "
+    "(diffusion_jax/allocator.py). "
     "--nojemalloc keeps the system allocator.")
 flags.mark_flags_as_required(["config", "workdir"])
 

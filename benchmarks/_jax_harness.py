@@ -266,4 +266,3 @@ def common_fields(devices) -> dict[str, Any]:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "allocator": _report.allocator_name(),
     }
-
