@@ -14,7 +14,8 @@
 #
 # What it runs (each line below is also a command you can run by hand):
 #   1. diffusion_jax training, ddpm_cifar10: batch 128 and 256, bf16 and fp32;
-#      bf16 again with 4 steps per dispatch and with cuDNN attention; adm_64 bf16.
+#      bf16 again with 4 steps per dispatch and with cuDNN attention; adm_64 bf16;
+#      a profile of the bf16 step (profile_step.py: time by kind of operation).
 #      -> the "DDPM CIFAR-10 at >= 40% bf16 MFU" target (field "mfu").
 #   2. diffusion_jax sampling, ddpm_cifar10, 256 images: 1000-step ancestral
 #      DDPM, 100- and 50-step DDIM, 20-step DPM-Solver++; compile time at 10 and
@@ -78,6 +79,8 @@ run "$PYTHON" "$T" --workload ddpm_cifar10 --batch 128 256 --dtype bfloat16 --re
 run "$PYTHON" "$T" --workload ddpm_cifar10 --batch 128 --dtype bfloat16 --repeats 5 --steps 20 --warmup 3 --attention-impl cudnn
 run "$PYTHON" "$T" --workload adm_64 --batch 64 --dtype bfloat16 --repeats 5 --steps 10 --warmup 3
 run "$PYTHON" "$T" --workload tiny --batch 32 256 --dtype bfloat16 float32 --repeats 5 --steps 50 --warmup 3
+# Where the bf16 step's time goes (a "kind": "profile" line, no img/s; the trace stays in /tmp).
+run "$PYTHON" "$HERE/profile_step.py" --workload ddpm_cifar10 --task train --batch 128 --dtype bfloat16 --calls 5 --top 25
 fi
 
 # 2. Sampling, 256 images.
