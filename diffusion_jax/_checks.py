@@ -1,4 +1,4 @@
-"""Argument checks shared by the public math functions.
+"""Argument checks shared by the public functions (the math, checkpoints, metric writers).
 
 Shapes and dtypes are static under ``jit``, so these run at trace time and cost
 nothing in the compiled program. Values (``t`` in range) can only be checked
@@ -7,6 +7,7 @@ when they are concrete; under ``jit`` JAX clamps out-of-range gathers instead.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 
 import jax
@@ -63,3 +64,16 @@ def check_model_output(model_output, x_t, variance: str) -> None:
         raise ValueError(
             f"model output must have shape {expected} for variance={variance!r}{extra}, got {tuple(model_output.shape)}"
         )
+
+
+def as_step(step) -> int:
+    """A training step number: an int (``operator.index``; not a bool), >= 0."""
+    if isinstance(step, bool):
+        raise TypeError(f"step must be an int, got {step!r}.")
+    try:
+        step = operator.index(step)
+    except TypeError:
+        raise TypeError(f"step must be an int, got {type(step).__name__} {step!r}.") from None
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}.")
+    return step

@@ -54,7 +54,6 @@ import hashlib
 import itertools
 import json
 import logging
-import operator
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -65,6 +64,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
+
+from diffusion_jax._checks import as_step
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ class Checkpointer:
         """
         if self._read_only:
             raise ValueError(f"Checkpointer for {self._directory} is read-only; cannot save.")
-        step = _as_step(step)
+        step = as_step(step)
         _check_iterator(data_iterator)
         latest = self._manager.latest_step()
         if latest is not None and step <= latest:
@@ -296,7 +297,7 @@ class Checkpointer:
         self._manager.reload()
         available = self.all_steps()
         if step is not None:
-            step = _as_step(step)
+            step = as_step(step)
             if step not in available:
                 raise CheckpointNotFoundError(
                     f"No checkpoint for step {step} in {self._directory}; steps there: {available}."
@@ -435,18 +436,6 @@ def load_config(directory: os.PathLike | str) -> dict[str, Any]:
 def _absolute(directory: os.PathLike | str) -> str:
     directory = os.fspath(directory)
     return directory if "://" in directory else os.path.abspath(directory)
-
-
-def _as_step(step: Any) -> int:
-    if isinstance(step, bool):
-        raise TypeError(f"step must be an int, got {step!r}.")
-    try:
-        step = operator.index(step)
-    except TypeError:
-        raise TypeError(f"step must be an int, got {type(step).__name__} {step!r}.") from None
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}.")
-    return step
 
 
 def _check_iterator(data_iterator: Any) -> None:

@@ -13,7 +13,6 @@ they are actually written or printed.
 from __future__ import annotations
 
 import math
-import operator
 import os
 import sys
 import time
@@ -23,6 +22,8 @@ from typing import Any, TextIO
 import jax
 import numpy as np
 from PIL import Image
+
+from diffusion_jax._checks import as_step
 
 _IMAGE_CHANNELS = (1, 3, 4)
 
@@ -57,7 +58,7 @@ class MetricWriter:
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         """Adds one point per scalar at ``step`` (values: floats or 0-d arrays)."""
-        step = _as_step(step)
+        step = as_step(step)
         _check_names(scalars, "scalars")
         if self._writer is None:
             return
@@ -69,7 +70,7 @@ class MetricWriter:
 
         TensorBoard shows single-channel images as grey RGB.
         """
-        step = _as_step(step)
+        step = as_step(step)
         _check_names(images, "images")
         checked = {name: _check_uint8_image(image, name) for name, image in images.items()}
         if self._writer is None:
@@ -146,7 +147,7 @@ class ProgressLogger:
         """Records that ``step`` (a Python int) finished; prints on print steps only."""
         if not self._enabled:
             return
-        step = _as_step(step)
+        step = as_step(step)
         now = self._clock()
         if self._last is None:
             self._last = (step, now)
@@ -244,18 +245,6 @@ def save_png(path: os.PathLike | str, grid: np.ndarray) -> None:
         os.makedirs(parent, exist_ok=True)
     image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     image.save(path, format="PNG")
-
-
-def _as_step(step: Any) -> int:
-    if isinstance(step, bool):
-        raise TypeError(f"step must be an int, got {step!r}.")
-    try:
-        step = operator.index(step)
-    except TypeError:
-        raise TypeError(f"step must be an int, got {type(step).__name__} {step!r}.") from None
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}.")
-    return step
 
 
 def _scalar(value: Any, name: str) -> float:
