@@ -30,6 +30,7 @@ of the other scripts, so `compare.py` does not read it.
     python benchmarks/cpu_kernels.py                        # float32, ddpm_cifar10 shapes
     python benchmarks/cpu_kernels.py --dtype bfloat16
     python benchmarks/cpu_kernels.py --shapes tiny
+    python benchmarks/cpu_kernels.py --cpu-devices 2 --no-torch   # XLA as training runs: a device per core
 """
 
 from __future__ import annotations
@@ -73,7 +74,46 @@ def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
     return float(np.median(times))
 
 
-def xla_kernels(shapes_name: str, dtype: str, repeats: int) -> dict[str, dict[str, float]]:
+def data_parallel(fn, replicated: tuple[bool, ...], devices):
+    """`fn` jitted and split over the batch axis across `devices` (a `shard_map`,
+    as training runs the step; plain `jit` for one device). `replicated[i]`:
+    argument i (a kernel) goes whole to every device. Outputs stay per device,
+    concatenated along axis 0 (a kernel gradient is not summed: only the kernel
+    is timed)."""
+    import jax
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    from diffusion_jax import parallel
+
+    if len(devices) == 1:
+        return jax.jit(fn)
+
+    def per_device(*args):
+        # Replicated kernels become per-device values, as training's parameters
+        # do (`parallel.vary_over_data`): their gradients stay per device.
+        return fn(*(parallel.vary_over_data(a) if r else a for a, r in zip(args, replicated)))
+
+    mesh = Mesh(np.array(devices), (parallel.DATA_AXIS,))
+    in_specs = tuple(P() if r else P(parallel.DATA_AXIS) for r in replicated)
+    return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=P(parallel.DATA_AXIS)))
+
+
+def put(a, devices, *, replicated: bool = False):
+    """`a` on `devices` as `data_parallel` takes it: split along axis 0, or whole on each."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from diffusion_jax import parallel
+
+    if len(devices) == 1:
+        return jax.device_put(a, devices[0])
+    mesh = Mesh(np.array(devices), (parallel.DATA_AXIS,))
+    return jax.device_put(a, NamedSharding(mesh, P() if replicated else P(parallel.DATA_AXIS)))
+
+
+def xla_kernels(shapes_name: str, dtype: str, repeats: int, devices) -> dict[str, dict[str, float]]:
     import jax
     import jax.numpy as jnp
 
@@ -84,29 +124,32 @@ def xla_kernels(shapes_name: str, dtype: str, repeats: int) -> dict[str, dict[st
     def conv(x, w):
         return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-    fwd = jax.jit(conv)
-    dx = jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
-    dw = jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])
-    dw_taps = jax.jit(lambda x, g: conv_weight_grad_by_taps(x, g, (3, 3), (1, 1), ((1, 1), (1, 1))))
+    fwd = data_parallel(conv, (False, True), devices)
+    dx = data_parallel(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0], (False, True, False), devices)
+    dw = data_parallel(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0], (False, True, False), devices)
+    dw_taps = data_parallel(lambda x, g: conv_weight_grad_by_taps(x, g, (3, 3), (1, 1), ((1, 1), (1, 1))),
+                            (False, False), devices)
     out = {}
     for b, s, ci, co in SHAPES[shapes_name]:
-        x = jax.random.normal(jax.random.key(0), (b, s, s, ci), dt)
-        w = (jax.random.normal(jax.random.key(1), (3, 3, ci, co)) * 0.05).astype(dt)
-        g = jax.random.normal(jax.random.key(2), (b, s, s, co), dt)
+        x = put(jax.random.normal(jax.random.key(0), (b, s, s, ci), dt), devices)
+        w = put((jax.random.normal(jax.random.key(1), (3, 3, ci, co)) * 0.05).astype(dt), devices, replicated=True)
+        g = put(jax.random.normal(jax.random.key(2), (b, s, s, co), dt), devices)
         flops = 2 * b * s * s * 9 * ci * co
         calls = {"fwd": lambda: fwd(x, w), "dx": lambda: dx(x, w, g), "dw": lambda: dw(x, w, g),
                  "dw_taps": lambda: dw_taps(x, g)}
         out[_name(b, s, ci, co)] = {
             k: gflops(flops, median_seconds(lambda f=f: jax.block_until_ready(f()), repeats))
             for k, f in calls.items()}
-    out.update(upsample_kernels(UPSAMPLE_SHAPES[shapes_name], dt, repeats))
+    out.update(upsample_kernels(UPSAMPLE_SHAPES[shapes_name], dt, repeats, devices))
     a = jax.random.normal(jax.random.key(3), (4096, 4096), dt)
-    matmul = jax.jit(jnp.dot)
-    out["dot_4096"] = {"dot": gflops(2 * 4096**3, median_seconds(lambda: jax.block_until_ready(matmul(a, a)), repeats))}
+    rows, whole = put(a, devices), put(a, devices, replicated=True)
+    matmul = data_parallel(jnp.dot, (False, True), devices)  # rows split over the devices
+    out["dot_4096"] = {"dot": gflops(2 * 4096**3,
+                                     median_seconds(lambda: jax.block_until_ready(matmul(rows, whole)), repeats))}
     return out
 
 
-def upsample_kernels(shapes, dt, repeats: int) -> dict[str, dict[str, float]]:
+def upsample_kernels(shapes, dt, repeats: int, devices) -> dict[str, dict[str, float]]:
     """A 2x nearest upsampling + 3x3 convolution, written out (`repeat`, then XLA's
     convolution, its kernel gradient by taps where the UNet would use them) and
     as the UNet computes it (`fused`: `upsample_conv3x3` on the small map).
@@ -125,15 +168,16 @@ def upsample_kernels(shapes, dt, repeats: int) -> dict[str, dict[str, float]]:
                                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     def train(f):
-        return jax.jit(lambda x, w, g: jax.vjp(f, x, w)[1](g))
+        return data_parallel(lambda x, w, g: jax.vjp(f, x, w)[1](g), (False, True, False), devices)
 
     out = {}
     for b, s, ci, co in shapes:
-        x = jax.random.normal(jax.random.key(0), (b, s, s, ci), dt)
-        w = (jax.random.normal(jax.random.key(1), (3, 3, ci, co)) * 0.05).astype(dt)
-        g = jax.random.normal(jax.random.key(2), (b, 2 * s, 2 * s, co), dt)
+        x = put(jax.random.normal(jax.random.key(0), (b, s, s, ci), dt), devices)
+        w = put((jax.random.normal(jax.random.key(1), (3, 3, ci, co)) * 0.05).astype(dt), devices, replicated=True)
+        g = put(jax.random.normal(jax.random.key(2), (b, 2 * s, 2 * s, co), dt), devices)
         flops = 2 * b * (2 * s) ** 2 * 9 * ci * co
-        calls = {"fwd_repeat": (jax.jit(repeat), (x, w)), "fwd_fused": (jax.jit(upsample_conv3x3), (x, w)),
+        calls = {"fwd_repeat": (data_parallel(repeat, (False, True), devices), (x, w)),
+                 "fwd_fused": (data_parallel(upsample_conv3x3, (False, True), devices), (x, w)),
                  "train_repeat": (train(repeat), (x, w, g)), "train_fused": (train(upsample_conv3x3), (x, w, g))}
         out[f"upsample {_name(b, s, ci, co)}"] = {
             k: gflops(flops * (3 if k.startswith("train") else 1),
@@ -184,22 +228,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", choices=sorted(SHAPES), default="ddpm_cifar10")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--cpu-devices", type=int, default=None,
+                   help="split the CPU into this many XLA devices and every XLA kernel over them "
+                        "along the batch, as training runs (default: one device, all cores)")
     p.add_argument("--xla-flags", default="", help="extra XLA flags, space-separated")
     p.add_argument("--no-torch", action="store_true", help="time XLA only")
     _report.add_allocator_arg(p)
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
-    harness.configure_xla(extra_flags=args.xla_flags)
+    shapes = SHAPES[args.shapes]
+    batches = [b for b, *_ in shapes + UPSAMPLE_SHAPES[args.shapes]] + [4096]
+    if args.cpu_devices is not None and (args.cpu_devices < 1 or any(b % args.cpu_devices for b in batches)):
+        p.error(f"--cpu-devices must be >= 1 and divide every batch {sorted(set(batches))}, "
+                f"got {args.cpu_devices}")
+    harness.configure_xla(cpu_devices=args.cpu_devices, extra_flags=args.xla_flags)
     import jax
 
     devices = jax.devices()
     if devices[0].platform != "cpu":
         p.error(f"this script measures CPU kernels; the default backend is {devices[0].platform}")
-    shapes = SHAPES[args.shapes]
+    wanted = args.cpu_devices or 1
+    if len(devices) < wanted:
+        raise RuntimeError(f"asked for {wanted} CPU devices, JAX has {len(devices)}: "
+                           "was a backend started before configure_xla?")
+    devices = devices[:wanted]
     common = {"task": "kernels", "shapes": args.shapes, "dtype": args.dtype, "unit": "GFLOP/s",
               **harness.common_fields(devices), "versions": harness.versions()}
-    _print({"impl": "xla", **common, "gflops": xla_kernels(args.shapes, args.dtype, args.repeats)})
+    _print({"impl": "xla", **common, "gflops": xla_kernels(args.shapes, args.dtype, args.repeats, devices)})
     if not args.no_torch:
         found = torch_kernels(shapes, args.dtype, args.repeats, threads=usable_cpu_count())
         if found is None:

@@ -100,7 +100,7 @@ def test_scripts_rerun_under_jemalloc_unless_told_not_to(argv, relaunches, monke
 
 
 @pytest.mark.parametrize("script", ["train_throughput.py", "sample_throughput.py", "cpu_kernels.py",
-                                    "peers/diffusers_bench.py", "peers/lucidrains_bench.py"])
+                                    "profile_step.py", "peers/diffusers_bench.py", "peers/lucidrains_bench.py"])
 def test_every_benchmark_script_starts_through_run_script(script):
     # The allocator choice (--allocator) is made by _report.run_script, before main.
     text = (BENCH_DIR / script).read_text()
@@ -242,7 +242,6 @@ def test_tiny_workload_has_the_parameter_count_of_diffusers_unet2dmodel():
 
 @pytest.mark.parametrize("stride,size,batch", [(1, 6, 2), (2, 6, 2), (2, 5, 2), (1, 5, 3), (2, 6, 1)])
 def test_conv_weight_grad_by_taps_matches_the_convolution_vjp(stride, size, batch):
-    # Even batches take the two-half-batch products, odd ones a single product.
     x = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
     w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
     conv = lambda w: jax.lax.conv_general_dilated(  # noqa: E731
@@ -311,6 +310,42 @@ def test_cpu_kernels_times_every_kernel_of_every_shape(monkeypatch):
         assert all(np.isfinite(v) and v > 0 for v in kernels.values()), (name, kernels)
     with pytest.raises(SystemExit):
         cpu_kernels.main(["--repeats", "0"])
+
+
+def test_cpu_kernels_split_over_devices_as_training_does(monkeypatch):
+    import cpu_kernels
+
+    assert jax.device_count() >= 2  # the backend runs (8 devices); the script leaves it be
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # it sets the count here
+
+    monkeypatch.setitem(cpu_kernels.SHAPES, "tiny", [(2, 4, 8, 8)])
+    monkeypatch.setitem(cpu_kernels.UPSAMPLE_SHAPES, "tiny", [(2, 3, 8, 4)])
+    monkeypatch.setattr(cpu_kernels, "torch_kernels", lambda *a, **k: None)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert cpu_kernels.main(["--shapes", "tiny", "--repeats", "1", "--cpu-devices", "2"]) == 0
+    (rec,) = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert rec["num_devices"] == 2 and set(rec["gflops"]) == {"b2 4x4 8->8", "upsample b2 3x3 8->4", "dot_4096"}
+    # A batch the devices do not divide is refused before anything is timed.
+    monkeypatch.setitem(cpu_kernels.SHAPES, "tiny", [(3, 4, 8, 8)])
+    with pytest.raises(SystemExit):
+        cpu_kernels.main(["--shapes", "tiny", "--cpu-devices", "2"])
+
+
+def test_cpu_kernels_data_parallel_gives_each_device_its_share():
+    import cpu_kernels
+
+    devices = jax.devices()[:2]
+    assert len(devices) == 2
+    x = jax.random.normal(jax.random.key(0), (4, 5, 5, 3))
+    g = jax.random.normal(jax.random.key(1), (4, 5, 5, 2))
+    taps = lambda x, g: conv_weight_grad_by_taps(x, g, (3, 3), (1, 1), ((1, 1), (1, 1)))  # noqa: E731
+    split = cpu_kernels.data_parallel(taps, (False, False), devices)
+    got = split(cpu_kernels.put(x, devices), cpu_kernels.put(g, devices))
+    # Per device, the kernel gradient of its half of the batch, stacked along axis 0.
+    want = np.concatenate([taps(x[:2], g[:2]), taps(x[2:], g[2:])])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert {d for d in got.sharding.device_set} == set(devices)
 
 
 def test_auto_weight_gradient_mixes_taps_and_xla_by_shape_and_keeps_the_gradient():

@@ -421,15 +421,17 @@ from diffusion_jax.models.unet import _taps_pay_off  # noqa: E402
 
 @pytest.mark.parametrize("lhs,rhs,strides,want", [
     ((32, 16, 16, 128), (3, 3, 128, 128), (1, 1), True),    # 32*16*16 = 8192 positions
+    ((16, 16, 16, 256), (3, 3, 256, 256), (1, 1), True),    # 16*16*16 = 4096
     ((32, 32, 32, 128), (3, 3, 128, 256), (1, 1), True),
     ((32, 32, 32, 128), (3, 3, 128, 128), (2, 2), True),    # stride 2: 32*16*16 = 8192
-    ((32, 16, 16, 128), (3, 3, 128, 128), (2, 2), False),   # 32*8*8 = 2048
-    ((31, 16, 16, 128), (3, 3, 128, 128), (1, 1), False),   # 7936 positions
+    ((15, 16, 16, 256), (3, 3, 256, 256), (1, 1), False),   # 3840 positions
+    ((64, 8, 8, 256), (3, 3, 256, 256), (1, 1), False),     # 4096 positions, but an 8x8 map
+    ((32, 16, 16, 128), (3, 3, 128, 128), (2, 2), False),   # 32*8*8 = 2048, 8x8
     ((32, 32, 32, 3), (3, 3, 3, 128), (1, 1), False),       # the 3-channel input conv
     ((32, 32, 32, 128), (3, 3, 128, 64), (1, 1), False),    # 64 output channels
     ((16, 17, 17, 128), (3, 3, 128, 128), (2, 2), False),   # 16*9*9 = 1296 (SAME rounds up)
 ])
-def test_tap_weight_gradient_is_chosen_by_positions_and_channels(lhs, rhs, strides, want):
+def test_tap_weight_gradient_is_chosen_by_positions_map_and_channels(lhs, rhs, strides, want):
     assert _taps_pay_off(lhs, rhs, strides) is want
 
 

@@ -99,10 +99,10 @@ class UNetConfig:
       conv_weight_grad: how the gradient of the 3x3 convolution kernels is computed:
         "xla" (XLA's backward-filter convolution), "taps" (one matmul per kernel
         tap, :func:`conv_weight_grad_by_taps`), or "auto" (on the CPU backend,
-        "taps" for the convolutions where it is faster there: >= 8192 output
-        positions per device (the per-device batch times the output map) and
-        >= 128 channels; "xla" elsewhere). Speed only:
-        the gradient is the same up to float rounding. (The convolutions that
+        "taps" for the convolutions where it is faster there: output maps of
+        16x16 and up, >= 4096 output positions per device (the per-device
+        batch times the output map) and >= 128 channels; "xla" elsewhere).
+        Speed only: the gradient is the same up to float rounding. (The convolutions that
         follow a 2x upsampling always take their own path, :func:`upsample_conv3x3`.)
     """
 
@@ -317,8 +317,8 @@ def conv_weight_grad_by_taps(x: jax.Array, g: jax.Array, kernel_size: tuple[int,
 
     for each tap ``(i, j)`` the product ``X_ij^T G = (G^T X_ij)^T`` of the strided window
     ``X_ij`` of ``xp`` (``[B P Q, C_in]``) and ``G`` (``[B P Q, C_out]``). XLA:CPU
-    runs these matmuls 1.8-2.8x as fast as its backward-filter convolution on
-    32x32 and 16x16 maps (slower on small ones; see ``UNetConfig.conv_weight_grad``).
+    runs these matmuls 1.2-3.3x as fast as its backward-filter convolution on
+    32x32 and 16x16 maps (no faster on small ones; see ``UNetConfig.conv_weight_grad``).
     Products accumulate in float32.
 
     Args:
@@ -337,19 +337,16 @@ def conv_weight_grad_by_taps(x: jax.Array, g: jax.Array, kernel_size: tuple[int,
     xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
     window = (b, sh * (p - 1) + 1, sw * (q - 1) + 1, c_in)
 
-    # Two half-batch matmuls, summed, run ~15% faster on XLA:CPU than one with
-    # twice the inner dimension.
-    halves = 2 if b % 2 == 0 else 1
-    g_halves = g.reshape(halves, b * p * q // halves, c_out)
+    # G^T X_ij rather than X_ij^T G, with G^T formed once for the kh * kw taps:
+    # XLA:CPU hands a dot that contracts the left operand's minor dimension and
+    # the right's major one to YNNPACK, and the transposed-operand or batched
+    # forms to Eigen's slower matmul (BENCHMARKS.md, change 7).
+    g_t = g.reshape(b * p * q, c_out).T
 
     def tap(index):
         i, j = index // kw, index % kw
         x_ij = jax.lax.dynamic_slice(xp, (0, i, j, 0), window)[:, ::sh, ::sw, :]
-        # G^T X_ij rather than X_ij^T G: XLA:CPU transposes the left operand of
-        # this product, and G is the same for every tap (3% faster step).
-        # (Contracting h inside the einsum instead would be 2x slower.)
-        return jnp.einsum("hko,hki->hoi", g_halves, x_ij.reshape(halves, b * p * q // halves, c_in),
-                          preferred_element_type=jnp.float32).sum(0)
+        return jnp.dot(g_t, x_ij.reshape(b * p * q, c_in), preferred_element_type=jnp.float32)
 
     # A loop rather than kh * kw independent matmuls: XLA would otherwise keep
     # every tap's window copy alive at once (2.3x the step's temporary memory).
@@ -382,16 +379,19 @@ _conv_with_tap_weight_grad.defvjp(_conv_with_tap_weight_grad_fwd, _conv_with_tap
 
 
 # Where the tap weight gradient beats XLA:CPU's own (measured on a 2-core Xeon,
-# BENCHMARKS.md): many output positions (the matmuls' inner dimension) and wide
-# channels. At 8x8 and below, or with under 128 channels, XLA's is faster.
-_TAPS_MIN_POSITIONS = 8192  # B * P * Q
+# BENCHMARKS.md, changes 2 and 7): output maps of 16x16 and up with many output
+# positions (the matmuls' inner dimension) and wide channels. XLA's is as fast
+# or faster on 8x8 and smaller maps, with fewer positions, or under 128 channels.
+_TAPS_MIN_POSITIONS = 4096  # B * P * Q
+_TAPS_MIN_MAP = 256  # P * Q
 _TAPS_MIN_CHANNELS = 128  # min(C_in, C_out)
 
 
 def _taps_pay_off(lhs_shape, rhs_shape, strides) -> bool:
     b, h, w, _ = lhs_shape
-    positions = b * -(-h // strides[0]) * -(-w // strides[1])
-    return positions >= _TAPS_MIN_POSITIONS and min(rhs_shape[2], rhs_shape[3]) >= _TAPS_MIN_CHANNELS
+    map_size = -(-h // strides[0]) * -(-w // strides[1])
+    return (b * map_size >= _TAPS_MIN_POSITIONS and map_size >= _TAPS_MIN_MAP
+            and min(rhs_shape[2], rhs_shape[3]) >= _TAPS_MIN_CHANNELS)
 
 
 def _conv_general_dilated_taps(lhs, rhs, window_strides, padding, *, lhs_dilation=None, rhs_dilation=None,
