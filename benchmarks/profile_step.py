@@ -12,8 +12,9 @@ trace shows executing:
   XLA:CPU `async`: the pool threads' running time outside every instruction's
   event (`untraced_pool_seconds`). XLA:CPU runs some instructions (large dots, some copies) as tasks in
   its thread pool; their event covers only the dispatch, so their work lands
-  here; `async_top` names them, with their start-to-completion times (which
-  include the wait in the pool's queue);
+  here; `async_top` names them, with their times from dispatch to completion
+  (which include the wait in the pool's queue: a small dot queued behind large
+  ones shows seconds);
 - `by_phase`: forward (the network), backward (the network's transpose),
   rest (loss, optimizer, EMA, sampler arithmetic), unattributed (no
   `op_name` metadata), from each instruction's metadata;
@@ -42,12 +43,14 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import re
 import sys
 import tempfile
 import time
+from collections.abc import Container, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Container, Iterable, Mapping
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _jax_harness as harness  # noqa: E402  (puts the repo root on sys.path)
@@ -87,8 +90,34 @@ def _opcode(rest: str) -> str:
     return match.group(1) if match else "?"
 
 
+_INDEX_ELEMENTS = 8  # integer results this small inside a fusion are index arithmetic, not work
+
+
+def _is_index_arithmetic(rest: str) -> bool:
+    """Whether an instruction (what follows `name = `) makes an integer or boolean result of at most
+    `_INDEX_ELEMENTS` elements (`s32[]`, `pred[1]`): a dynamic slice's clamped start, say."""
+    match = re.match(r"([a-z]\w*)\[([\d,]*)\]", rest)
+    if match is None or not match.group(1).startswith(("s", "u", "pred")):
+        return False
+    count = 1
+    for dim in filter(None, match.group(2).split(",")):
+        count *= int(dim)
+    return count <= _INDEX_ELEMENTS
+
+
+def _custom_call_kind(target: str) -> str:
+    lowered = target.lower()
+    if "conv" in lowered:
+        return "convolution"
+    if any(word in lowered for word in ("gemm", "matmul", "cublas", "dot")):
+        return "dot"
+    return "custom-call"
+
+
 def parse_hlo(text: str) -> dict[str, dict[str, Any]]:
-    """Instruction name -> {opcode, computation, calls, op_name} for every instruction of an HLO module's text."""
+    """Instruction name -> {opcode, computation, calls, op_name, index} for every instruction of an
+    HLO module's text. A custom call's opcode is its kind: `convolution` or `dot` where its
+    target says so (cuDNN's convolutions, cuBLAS's and oneDNN's matmuls), else `custom-call`."""
     instructions: dict[str, dict[str, Any]] = {}
     computation = None
     for line in text.splitlines():
@@ -97,8 +126,13 @@ def parse_hlo(text: str) -> dict[str, dict[str, Any]]:
             name, rest = match.groups()
             calls = re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", rest)
             op_name = re.search(r'op_name="([^"]*)"', rest)
-            instructions[name] = {"opcode": _opcode(rest), "computation": computation,
-                                  "calls": calls, "op_name": op_name.group(1) if op_name else ""}
+            opcode = _opcode(rest)
+            if opcode == "custom-call":
+                target = re.search(r'custom_call_target="([^"]*)"', rest)
+                opcode = _custom_call_kind(target.group(1) if target else "")
+            instructions[name] = {"opcode": opcode, "computation": computation, "calls": calls,
+                                  "op_name": op_name.group(1) if op_name else "",
+                                  "index": _is_index_arithmetic(rest)}
             continue
         header = _HEADER.match(line)
         if header and "=" not in line.split("{")[0].split("(")[0]:
@@ -108,14 +142,19 @@ def parse_hlo(text: str) -> dict[str, dict[str, Any]]:
 
 def _opcodes_inside(name: str, instructions: Mapping[str, Mapping[str, Any]],
                     by_computation: Mapping[str, list[str]], seen: set[str]) -> set[str]:
-    """The opcodes of the instructions a fusion (or nested fusion) computes."""
+    """The opcodes of the instructions a fusion (or nested fusion) computes on arrays.
+
+    Index arithmetic (`_is_index_arithmetic`: small integer results, a
+    dynamic slice's clamped start) is left out: it is no work per element.
+    """
     found: set[str] = set()
     for computation in instructions[name]["calls"]:
         if computation in seen:
             continue
         seen.add(computation)
         for inner in by_computation.get(computation, ()):
-            found.add(instructions[inner]["opcode"])
+            if not instructions[inner]["index"]:
+                found.add(instructions[inner]["opcode"])
             found |= _opcodes_inside(inner, instructions, by_computation, seen)
     return found
 
@@ -174,11 +213,13 @@ def phase(op_name: str) -> str:
 
 
 def _op_lines(profile):
-    """(plane, its lines where XLA records instructions): the XLA:CPU thread pools' lines of the
-    host plane (all but the Python thread), the `XLA Ops` lines of device planes."""
+    """(plane, its lines where XLA records instructions): the `XLA Ops` lines of the device
+    planes where there are any (a GPU or TPU), else the XLA:CPU threads' lines of the host
+    plane (all but the Python thread)."""
+    has_devices = any(plane.name.startswith("/device:") for plane in profile.planes)
     for plane in profile.planes:
         on_device = plane.name.startswith("/device:")
-        if not on_device and not plane.name.startswith("/host:CPU"):
+        if on_device != has_devices or not (on_device or plane.name.startswith("/host:CPU")):
             continue
         lines = [line for line in plane.lines
                  if (line.name == "XLA Ops" if on_device else line.name != "python")]
@@ -193,7 +234,8 @@ def operation(op_name: str) -> str:
 
     `jit(train_step)/shard_map/transpose(jvp(UNet))/up_1_block_0/norm1/mul`
     -> `transpose(jvp(UNet))/norm1/mul`: the outer `jit(...)` and `shard_map`
-    go, and every scope named with an index (`up_1_block_0`, `Dropout_0`).
+    go, and every scope named with an index (`up_1_block_0`, `Dropout_0`);
+    a scope without one (`mid_attn`) stays, so it adds up on its own line.
     """
     parts = op_name.split("/")
     if parts and parts[0].startswith("jit("):
@@ -203,6 +245,11 @@ def operation(op_name: str) -> str:
     return "/".join(part for part in parts if not _INDEXED_SCOPE.match(part)) or "(none)"
 
 
+def _instruction_name(event_name: str) -> str:
+    """"%fusion.3" or "%fusion.3 = f32[...] fusion(...)" (a device plane's form) -> "fusion.3"."""
+    return event_name.lstrip("%").split(" ", 1)[0]
+
+
 def op_events(profile) -> Iterable[tuple[str, float, float]]:
     """(event name, seconds, seconds to its `end: NAME` marker) of every event on the op lines.
 
@@ -210,9 +257,11 @@ def op_events(profile) -> Iterable[tuple[str, float, float]]:
     tasks in its thread pool: their event covers only the dispatch, and an
     `end: NAME` event marks completion. The third number is the time from the
     start to that marker (markers pair with starts first in, first out, which
-    keeps the sum exact when two devices run the same instruction at once), or
-    the event's own duration where there is none; it includes the tasks' wait
-    in the pool's queue, so it bounds their work from above.
+    keeps the sum exact when two devices run the same instruction at once, as
+    long as an instruction's runs are all marked or none are, as in the
+    XLA:CPU traces seen here), or the event's own duration where there is
+    none; it includes the tasks' wait in the pool's queue, so it bounds their
+    work from above.
     """
     for _, lines in _op_lines(profile):
         events = sorted((event.start_ns, event.duration_ns, event.name)
@@ -240,23 +289,32 @@ def untraced_pool_seconds(profile, instructions: Container[str]) -> float | None
     time there outside the events of `instructions` (names; leave containers
     such as while loops out, their events span their bodies') is the work of
     the instructions XLA:CPU runs as pool tasks, or the runtime's. None where
-    the trace has no such markers (a GPU's, say).
+    the trace has no such markers (a GPU's, say), and None where more than
+    a tenth of the instructions' time runs on other threads (a sampler's loop
+    runs on the launching thread): the pool's untraced time is then also its
+    share of those instructions' work, which this cannot tell apart.
     """
-    running_ns, traced_ns, found = 0, 0, False
+    running_ns, traced_ns, elsewhere_ns, found = 0, 0, 0, False
     for _, lines in _op_lines(profile):
         for line in lines:
             if "XLAEigen" not in line.name:
+                elsewhere_ns += sum(event.duration_ns for event in line.events
+                                    if _instruction_name(event.name) in instructions)
                 continue
-            started = None
+            started, inside = None, 0
             for event in sorted(line.events, key=lambda e: e.start_ns):
                 if event.name == "ThreadpoolListener::StartRegion":
-                    started, found = event.start_ns, True
+                    started, inside, found = event.start_ns, 0, True
                 elif event.name == "ThreadpoolListener::StopRegion" and started is not None:
+                    # Only whole regions count, with the instructions inside them.
                     running_ns += event.start_ns - started
+                    traced_ns += inside
                     started = None
-                elif event.name in instructions:
-                    traced_ns += event.duration_ns
-    return max(0, running_ns - traced_ns) / 1e9 if found else None
+                elif started is not None and _instruction_name(event.name) in instructions:
+                    inside += event.duration_ns
+    if not found or elsewhere_ns > 0.1 * traced_ns:
+        return None
+    return max(0, running_ns - traced_ns) / 1e9
 
 
 def summarize(events: Iterable[tuple[str, float, float]], hlo_text: str, calls: int, top: int,
@@ -275,8 +333,7 @@ def summarize(events: Iterable[tuple[str, float, float]], hlo_text: str, calls: 
     per_instruction: collections.Counter[str] = collections.Counter()
     to_completion: collections.Counter[str] = collections.Counter()
     for name, seconds, to_end in events:
-        # "%fusion.3" or "%fusion.3 = f32[...] fusion(...)" (device planes) name fusion.3.
-        name = name.lstrip("%").split(" ", 1)[0]
+        name = _instruction_name(name)
         info = instructions.get(name)
         if info is None or info["opcode"] in _CONTAINERS:
             continue
@@ -319,9 +376,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "training, 256 for sampling)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
-    p.add_argument("--sampler", choices=sorted(sample_throughput.SAMPLER_ALIASES), default="ddim",
-                   help="--task sample: the sampler (as sample_throughput.py)")
-    p.add_argument("--num-steps", type=int, default=20, help="--task sample: sampling steps")
+    p.add_argument("--sampler", choices=sorted(sample_throughput.SAMPLER_ALIASES), default=None,
+                   help="--task sample: the sampler (as sample_throughput.py; default ddim)")
+    p.add_argument("--num-steps", type=int, default=None, help="--task sample: sampling steps (default 20)")
     p.add_argument("--calls", type=int, default=2, help="traced calls (steps or sampler runs)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls before the trace")
     p.add_argument("--top", type=int, default=15, help="how many of the costliest instructions to list")
@@ -331,7 +388,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     harness.add_device_args(p)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    args.sampler = sample_throughput.SAMPLER_ALIASES[args.sampler]
+    if args.task == "train" and (args.sampler is not None or args.num_steps is not None):
+        p.error("--sampler and --num-steps apply to --task sample")
+    if args.task == "sample" and args.conv_weight_grad is not None:
+        p.error("--conv-weight-grad applies to --task train (a sampler takes no gradients)")
+    args.sampler = sample_throughput.SAMPLER_ALIASES[args.sampler or "ddim"]
+    args.num_steps = 20 if args.num_steps is None else args.num_steps
     timesteps = workloads.get_workload(args.workload).timesteps
     if not 1 <= args.num_steps <= timesteps:
         p.error(f"--num-steps must be in [1, {timesteps}], got {args.num_steps}")
@@ -340,8 +402,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.batch is not None and args.batch < 1:
         p.error(f"--batch must be >= 1, got {args.batch}")
-    if args.trace_dir is not None and Path(args.trace_dir).exists() and not Path(args.trace_dir).is_dir():
-        p.error(f"--trace-dir {args.trace_dir} exists and is not a folder")
+    if args.trace_dir is not None:
+        # Made now, so that a folder that cannot be written fails before any compiling.
+        try:
+            Path(args.trace_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            p.error(f"--trace-dir {args.trace_dir}: {err}")
+        if not os.access(args.trace_dir, os.W_OK):
+            p.error(f"--trace-dir {args.trace_dir} is not writable")
     return args
 
 

@@ -1,7 +1,7 @@
 """Argument checks shared by the public functions (the math, checkpoints, metric writers).
 
-Shapes and dtypes are static under ``jit``, so these run at trace time and cost
-nothing in the compiled program. Values (``t`` in range) can only be checked
+For the math, shapes and dtypes are static under ``jit``, so these run at trace
+time and cost nothing in the compiled program. Values (``t`` in range) can only be checked
 when they are concrete; under ``jit`` JAX clamps out-of-range gathers instead.
 """
 

@@ -405,3 +405,19 @@ def test_guided_model_rejects_batch_mismatch():
 def test_learned_schedule_rejects(kwargs, match):
     with pytest.raises(ValueError, match=match):
         dj.LearnedSchedule(hidden_features=4, **kwargs).init(jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize("step,error", [(True, TypeError), (1.0, TypeError), ("3", TypeError), (-1, ValueError)])
+def test_step_numbers_must_be_non_negative_ints(step, error):
+    from diffusion_jax._checks import as_step
+
+    with pytest.raises(error, match="step must be"):
+        as_step(step)
+
+
+@pytest.mark.parametrize("step", [0, 7, np.int64(12)])
+def test_step_numbers_come_back_as_python_ints(step):
+    from diffusion_jax._checks import as_step
+
+    got = as_step(step)
+    assert got == int(step) and type(got) is int

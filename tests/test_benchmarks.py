@@ -254,6 +254,21 @@ def test_conv_weight_grad_by_taps_matches_the_convolution_vjp(stride, size, batc
     np.testing.assert_allclose(got, vjp(g)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_conv_weight_grad_by_taps_in_bfloat16_accumulates_in_float32():
+    # bf16 inputs, float32 products and sums: the result is float32 and as close to a
+    # float64 reference as the bf16 rounding of the inputs alone allows.
+    x = jax.random.normal(jax.random.key(0), (4, 6, 6, 8)).astype(jnp.bfloat16)
+    g = jax.random.normal(jax.random.key(1), (4, 6, 6, 5)).astype(jnp.bfloat16)
+    got = conv_weight_grad_by_taps(x, g, (3, 3), (1, 1), ((1, 1), (1, 1)))
+    assert got.dtype == jnp.float32
+    xp = np.pad(np.asarray(x, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    gd = np.asarray(g, np.float64)
+    want = np.stack([np.stack([np.einsum("bpqc,bpqo->co", xp[:, i:i + 6, j:j + 6], gd) for j in range(3)])
+                     for i in range(3)])
+    # Sums of 144 exact bf16 x bf16 products in float32: float32 rounding only.
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
 def test_conv_weight_grad_by_taps_by_hand():
     # 1 image, 2x2, one channel, stride 1, SAME: dw[i, j] = sum_pq xp[p + i, q + j] g[p, q].
     x = jnp.array([1.0, 2.0, 3.0, 4.0]).reshape(1, 2, 2, 1)
@@ -349,8 +364,8 @@ def test_cpu_kernels_data_parallel_gives_each_device_its_share():
 
 
 def test_auto_weight_gradient_mixes_taps_and_xla_by_shape_and_keeps_the_gradient():
-    # 128 channels at 16x16 (batch 32: 8192 positions -> taps on CPU) and at 8x8
-    # (2048 positions -> XLA's own): "auto" takes both paths in one network.
+    # 128 channels at 16x16 (batch 32: 8192 >= 4096 positions -> taps on CPU) and at
+    # 8x8 (a map under 16x16 -> XLA's own): "auto" takes both paths in one network.
     cfg = UNetConfig(ch=128, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
                      conv_weight_grad="auto")
     x = jax.random.normal(jax.random.key(0), (32, 16, 16, 1))
