@@ -20,7 +20,12 @@ installed, in PyTorch (`nn.Conv2d`, oneDNN):
   3x3 convolution) written out (`*_repeat`) and as the UNet computes it on the
   small map (`*_fused`, `diffusion_jax.models.unet.upsample_conv3x3`), forward
   and forward + both gradients (`train_*`), as the written-out convolution's
-  FLOPs over the time.
+  FLOPs over the time;
+* `norm ...`: GroupNorm (32 groups) + SiLU on the same inputs, forward
+  (`*_fwd`) and forward + backward (`*_train`), ours
+  (`diffusion_jax.models.unet.group_norm`, `gn_*`), `flax.linen.GroupNorm`
+  differentiated by JAX (`flax_*`) and PyTorch's `group_norm` (`torch_*`),
+  in G elements of the input per second (the record's `gelem_per_s`).
 
 Each figure is FLOPs (2 x multiply-adds) / median seconds over `--repeats`
 calls after one warm-up call. One JSON line per implementation on stdout
@@ -57,6 +62,13 @@ SHAPES = {
 UPSAMPLE_SHAPES = {
     "ddpm_cifar10": [(32, 16, 256, 256), (32, 8, 256, 256), (32, 4, 256, 256)],
     "tiny": [(64, 8, 64, 64)],
+}
+
+# (batch, size, channels) of GroupNorm + SiLU inputs: a block's first norm at
+# each level (on the way up the input is the concatenation with a skip).
+NORM_SHAPES = {
+    "ddpm_cifar10": [(32, 32, 128), (32, 32, 384), (32, 16, 256), (32, 8, 512)],
+    "tiny": [(64, 16, 32), (64, 16, 96), (64, 8, 128)],
 }
 
 
@@ -186,6 +198,46 @@ def upsample_kernels(shapes, dt, repeats: int, devices) -> dict[str, dict[str, f
     return out
 
 
+def elements_per_second(elements: int, seconds: float) -> float:
+    return float(f"{elements / seconds / 1e9:.4g}")
+
+
+def norm_kernels(shapes_name: str, dtype: str, repeats: int, devices) -> dict[str, dict[str, float]]:
+    """GroupNorm(32) + SiLU forward and forward + backward: ours and flax's, G elements/s."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from diffusion_jax.models.unet import group_norm
+
+    def ours(x, scale, bias):
+        return jax.nn.silu(group_norm(x, scale, bias, 32, 1e-6))
+
+    def flax_gn(x, scale, bias):
+        y = nn.GroupNorm(num_groups=32, epsilon=1e-6).apply({"params": {"scale": scale, "bias": bias}}, x)
+        return jax.nn.silu(y)
+
+    def train(f):
+        return data_parallel(lambda x, s, b, g: jax.vjp(f, x, s, b)[1](g), (False, True, True, False), devices)
+
+    dt = jnp.dtype(dtype)
+    out = {}
+    for b, s, c in NORM_SHAPES[shapes_name]:
+        x = put(jax.random.normal(jax.random.key(0), (b, s, s, c), dt) * 2 + 1, devices)
+        scale = put(jnp.linspace(0.5, 1.5, c), devices, replicated=True)
+        bias = put(jnp.linspace(-1, 1, c), devices, replicated=True)
+        g = put(jax.random.normal(jax.random.key(2), (b, s, s, c), dt), devices)
+        calls = {"gn_fwd": (data_parallel(ours, (False, True, True), devices), (x, scale, bias)),
+                 "gn_train": (train(ours), (x, scale, bias, g)),
+                 "flax_fwd": (data_parallel(flax_gn, (False, True, True), devices), (x, scale, bias)),
+                 "flax_train": (train(flax_gn), (x, scale, bias, g))}
+        out[f"norm {_name(b, s, c, c)}"] = {
+            k: elements_per_second(b * s * s * c,
+                                   median_seconds(lambda f=f, a=a: jax.block_until_ready(f(*a)), repeats))
+            for k, (f, a) in calls.items()}
+    return out
+
+
 def torch_kernels(shapes, dtype: str, repeats: int, threads: int) -> dict[str, dict[str, float]] | None:
     try:
         import torch
@@ -214,6 +266,30 @@ def torch_kernels(shapes, dtype: str, repeats: int, threads: int) -> dict[str, d
     return out
 
 
+def torch_norm_kernels(shapes_name: str, dtype: str, repeats: int) -> dict[str, dict[str, float]]:
+    """`norm_kernels` in PyTorch (`nn.GroupNorm` + SiLU, NCHW); run after `torch_kernels`."""
+    import torch
+
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    out = {}
+    for b, s, c in NORM_SHAPES[shapes_name]:
+        x = torch.randn(b, c, s, s, dtype=dt, requires_grad=True)
+        gn = torch.nn.GroupNorm(32, c, eps=1e-6).to(dt)
+        g = torch.randn(b, c, s, s, dtype=dt)
+
+        def fwd():
+            with torch.no_grad():
+                torch.nn.functional.silu(gn(x))
+
+        def train():
+            torch.nn.functional.silu(gn(x)).backward(g)
+
+        out[f"norm {_name(b, s, c, c)}"] = {
+            "torch_fwd": elements_per_second(b * s * s * c, median_seconds(fwd, repeats)),
+            "torch_train": elements_per_second(b * s * s * c, median_seconds(train, repeats))}
+    return out
+
+
 def _print(record: dict[str, Any]) -> None:
     # Not _report.emit: these are kernel records, not images/s measurements.
     print(json.dumps(record), flush=True)
@@ -239,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
     shapes = SHAPES[args.shapes]
-    batches = [b for b, *_ in shapes + UPSAMPLE_SHAPES[args.shapes]] + [4096]
+    batches = [b for b, *_ in shapes + UPSAMPLE_SHAPES[args.shapes] + NORM_SHAPES[args.shapes]] + [4096]
     if args.cpu_devices is not None and any(b % args.cpu_devices for b in batches):
         p.error(f"--cpu-devices must divide every batch {sorted(set(batches))}, got {args.cpu_devices}")
     harness.configure_xla(cpu_devices=args.cpu_devices, extra_flags=args.xla_flags)
@@ -255,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     devices = devices[:wanted]
     common = {"task": "kernels", "shapes": args.shapes, "dtype": args.dtype, "unit": "GFLOP/s",
               **harness.common_fields(devices), "versions": harness.versions()}
-    _print({"impl": "xla", **common, "gflops": xla_kernels(args.shapes, args.dtype, args.repeats, devices)})
+    _print({"impl": "xla", **common, "gflops": xla_kernels(args.shapes, args.dtype, args.repeats, devices),
+            "gelem_per_s": norm_kernels(args.shapes, args.dtype, args.repeats, devices)})
     if not args.no_torch:
         found = torch_kernels(shapes, args.dtype, args.repeats, threads=usable_cpu_count())
         if found is None:
@@ -264,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             _print({"impl": "torch", **common, "gflops": found,
+                    "gelem_per_s": torch_norm_kernels(args.shapes, args.dtype, args.repeats),
                   "versions": {**common["versions"], "torch": torch.__version__}})
     return 0
 

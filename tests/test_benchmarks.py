@@ -310,6 +310,7 @@ def test_cpu_kernels_times_every_kernel_of_every_shape(monkeypatch):
 
     monkeypatch.setitem(cpu_kernels.SHAPES, "tiny", [(2, 4, 8, 8), (1, 6, 4, 8)])
     monkeypatch.setitem(cpu_kernels.UPSAMPLE_SHAPES, "tiny", [(2, 3, 8, 4)])
+    monkeypatch.setitem(cpu_kernels.NORM_SHAPES, "tiny", [(2, 4, 64), (1, 2, 32)])
     monkeypatch.setattr(cpu_kernels, "torch_kernels", lambda *a, **k: None)
     out = io.StringIO()
     with redirect_stdout(out):
@@ -323,6 +324,10 @@ def test_cpu_kernels_times_every_kernel_of_every_shape(monkeypatch):
                 {"fwd", "dx", "dw", "dw_taps"})
         assert set(kernels) == want, name
         assert all(np.isfinite(v) and v > 0 for v in kernels.values()), (name, kernels)
+    assert set(rec["gelem_per_s"]) == {"norm b2 4x4 64->64", "norm b1 2x2 32->32"}
+    for name, kernels in rec["gelem_per_s"].items():
+        assert set(kernels) == {"gn_fwd", "gn_train", "flax_fwd", "flax_train"}, name
+        assert all(np.isfinite(v) and v > 0 for v in kernels.values()), (name, kernels)
     with pytest.raises(SystemExit):
         cpu_kernels.main(["--repeats", "0"])
 
@@ -335,12 +340,14 @@ def test_cpu_kernels_split_over_devices_as_training_does(monkeypatch):
 
     monkeypatch.setitem(cpu_kernels.SHAPES, "tiny", [(2, 4, 8, 8)])
     monkeypatch.setitem(cpu_kernels.UPSAMPLE_SHAPES, "tiny", [(2, 3, 8, 4)])
+    monkeypatch.setitem(cpu_kernels.NORM_SHAPES, "tiny", [(2, 2, 32)])
     monkeypatch.setattr(cpu_kernels, "torch_kernels", lambda *a, **k: None)
     out = io.StringIO()
     with redirect_stdout(out):
         assert cpu_kernels.main(["--shapes", "tiny", "--repeats", "1", "--cpu-devices", "2"]) == 0
     (rec,) = [json.loads(line) for line in out.getvalue().splitlines()]
     assert rec["num_devices"] == 2 and set(rec["gflops"]) == {"b2 4x4 8->8", "upsample b2 3x3 8->4", "dot_4096"}
+    assert set(rec["gelem_per_s"]) == {"norm b2 2x2 32->32"}
     # A batch the devices do not divide is refused before anything is timed.
     monkeypatch.setitem(cpu_kernels.SHAPES, "tiny", [(3, 4, 8, 8)])
     with pytest.raises(SystemExit):

@@ -34,7 +34,9 @@ third of its forward convolution speed on 32x32 and 16x16 maps (BENCHMARKS.md).
 The choice is ``UNetConfig.conv_weight_grad``; values are the same either way.
 Each 2x upsampling and the 3x3 conv after it are one op on the small map
 (:func:`upsample_conv3x3`): about 4 instead of 9 multiplies per output on
-large maps, on any backend; 6% of the 35.7M model's FLOPs.
+large maps, on any backend; 6% of the 35.7M model's FLOPs. GroupNorm
+(:func:`group_norm`) is written with per-channel coefficients, both ways, so
+that every pass over the activations runs along the contiguous channels.
 """
 
 from __future__ import annotations
@@ -208,16 +210,48 @@ def timestep_embedding(t: jax.Array, dim: int, *, max_period: float = 10_000.0) 
     return emb
 
 
-def _group_stats(xg: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array]:
-    """Mean and 1/std of ``xg`` ``[B, HW, G, C/G]`` (float32) per (example, group): ``[B, G]`` each.
+def _per_channel(*group_values: jax.Array, channels: int) -> tuple[jax.Array, ...]:
+    """``[B, G]`` per-group values as ``[B, 1, 1, C]`` arrays, each group's value repeated over its channels.
+
+    On the CPU backend the repeat is a product with the ``[G, C]`` 0/1 matrix
+    that copies group ``g`` to its channels (exact at ``HIGHEST`` precision:
+    one term is ``1 * v``, the others ``0 * v'``), because XLA does not fuse
+    a dot into the elementwise pass over the activations that uses its
+    result: that pass then reads a ``[B, C]`` array, where a fused repeat
+    computes a group index per element and runs 3x slower on XLA:CPU
+    (BENCHMARKS.md, change 8). A non-finite group value therefore spreads
+    to all channels of its example there (``0 * inf``); elsewhere ``jnp.repeat``.
+    """
+    b, g = group_values[0].shape
+    if jax.default_backend() != "cpu":
+        return tuple(jnp.repeat(v, channels // g, axis=1)[:, None, None, :] for v in group_values)
+    expand = np.kron(np.eye(g, dtype=np.float32), np.ones((1, channels // g), np.float32))
+    stacked = jnp.stack(group_values).reshape(-1, g)
+    per_channel = jnp.dot(stacked, expand, precision=jax.lax.Precision.HIGHEST)
+    return tuple(per_channel.reshape(len(group_values), b, 1, 1, channels))
+
+
+def _group_sums(v: jax.Array, num_groups: int) -> jax.Array:
+    """``[B, C]`` per-channel values summed over each group's channels: ``[B, G]``."""
+    return v.reshape(v.shape[0], num_groups, -1).sum(axis=-1)
+
+
+def _group_stats(x: jax.Array, num_groups: int, epsilon: float) -> tuple[jax.Array, jax.Array]:
+    """Mean and 1/std of NHWC float32 ``x`` per (example, group of channels): ``[B, G]`` each.
 
     Two-pass variance, ``mean((x - mu)^2)``, which avoids the cancellation of
-    ``E[x^2] - mu^2``. Reducing the pixels first and the channels of a group
-    second is 3x faster on XLA:CPU than one reduction over both.
+    ``E[x^2] - mu^2``. Each pass reduces the pixels per channel first (a
+    ``[B, C]`` sum, vectorised along the contiguous channels) and the channels
+    of a group second: on XLA:CPU that is several times faster than one
+    reduction over a ``[B, HW, G, C/G]`` view, whose minor dimension is a
+    group's few channels.
     """
-    mean = jnp.mean(jnp.mean(xg, axis=1), axis=-1)
-    var = jnp.mean(jnp.mean(jnp.square(xg - mean[:, None, :, None]), axis=1), axis=-1)
-    return mean, jax.lax.rsqrt(var + epsilon)
+    b, h, w, c = x.shape
+    count = h * w * (c // num_groups)
+    mean = _group_sums(jnp.sum(x, axis=(1, 2)), num_groups) / count
+    (mean_c,) = _per_channel(mean, channels=c)
+    squares = jnp.sum(jnp.square(x - mean_c), axis=(1, 2))
+    return mean, jax.lax.rsqrt(_group_sums(squares, num_groups) / count + epsilon)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -225,13 +259,22 @@ def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
     """Group normalization (Wu & He 2018) of NHWC ``x``, in float32.
 
     With ``mu``, ``sigma^2`` the mean and (two-pass) variance of each example's
-    group of ``C / num_groups`` channels over all pixels,
-    ``y = (x - mu) / sqrt(sigma^2 + epsilon) * scale + bias``.
+    group of ``C / num_groups`` channels over all pixels and ``r = 1 / sqrt(sigma^2 + epsilon)``,
+    ``y = (x - mu) r scale + bias``.
 
-    The gradient is written out (``xh`` the normalized input, ``d = dy * scale``,
-    ``<.>`` the mean over the group): ``dx = (d - <d> - xh <d xh>) / sqrt(sigma^2 + epsilon)``,
-    ``dscale = sum dy xh``, ``dbias = sum dy`` (sums over examples and pixels),
-    which XLA:CPU runs 3x faster than the derivative of the two-pass formula.
+    The gradient is written out (``xh = (x - mu) r`` the normalized input,
+    ``d = dy * scale``, ``<.>`` the mean over a group's ``m`` entries):
+    ``dx = r (d - <d> - xh <d xh>)``, ``dscale = sum dy xh``, ``dbias = sum dy``
+    (sums over examples and pixels). Both directions are written with
+    per-channel ``[B, C]`` coefficients, so that every pass over the
+    activations is a reduction over pixels or an elementwise map along the
+    contiguous channel dimension: the forward is
+    ``y = (x - mu) a + bias`` with ``a = r scale``, and the gradient
+    needs only the per-channel sums ``S_dy = sum dy`` and ``S_c = sum dy (x - mu)``
+    (``<d> = sum_group scale S_dy / m``, ``<d xh> = r sum_group scale S_c / m``), then
+    ``dx = a dy - r^2 <d xh> (x - mu) - r <d>``. On XLA:CPU that is 1.5-2.7x
+    faster for forward + backward (with the SiLU after it) than the same
+    formulas on a ``[B, HW, G, C/G]`` view (BENCHMARKS.md, change 8).
     Being a ``jax.custom_vjp``, it supports reverse-mode differentiation
     (``jax.grad``, ``jax.vjp``) but not forward mode (``jax.jvp``, ``jax.jacfwd``).
 
@@ -250,28 +293,30 @@ def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
 def _group_norm_fwd(x, scale, bias, num_groups, epsilon):
     if x.ndim != 4:
         raise ValueError(f"group_norm: x must be [B, H, W, C], got shape {x.shape}")
-    b, c = x.shape[0], x.shape[-1]
-    xg = x.astype(jnp.float32).reshape(b, -1, num_groups, c // num_groups)
-    mean, inv_std = _group_stats(xg, epsilon)
-    xh = ((xg - mean[:, None, :, None]) * inv_std[:, None, :, None]).reshape(x.shape)
-    return xh * scale + bias, (x, mean, inv_std, scale, bias)
+    c = x.shape[-1]
+    xf = x.astype(jnp.float32)
+    mean, inv_std = _group_stats(xf, num_groups, epsilon)
+    mean_c, inv_std_c = _per_channel(mean, inv_std, channels=c)
+    return (xf - mean_c) * (inv_std_c * scale) + bias, (x, mean, inv_std, scale, bias)
 
 
 def _group_norm_bwd(num_groups, epsilon, residuals, dy):
     x, mean, inv_std, scale, bias = residuals
-    b, c = x.shape[0], x.shape[-1]
-    grouped = (b, -1, num_groups, c // num_groups)
-    xh = (x.astype(jnp.float32).reshape(grouped) - mean[:, None, :, None]) * inv_std[:, None, :, None]
+    b, h, w, c = x.shape
+    m = h * w * (c // num_groups)
+    (mean_c,) = _per_channel(mean, channels=c)
+    centered = x.astype(jnp.float32) - mean_c  # x - mu
     dy = dy.astype(jnp.float32)
-    d = (dy * scale).reshape(grouped)
-
-    def group_mean(v):
-        return jnp.mean(jnp.mean(v, axis=1), axis=-1)[:, None, :, None]
-
-    dx = inv_std[:, None, :, None] * (d - group_mean(d) - xh * group_mean(d * xh))
-    dscale = jnp.sum(dy * xh.reshape(x.shape), axis=(0, 1, 2))
-    dbias = jnp.sum(dy, axis=(0, 1, 2))
-    return dx.reshape(x.shape).astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+    s_dy = jnp.sum(dy, axis=(1, 2))  # [B, C]
+    s_c = jnp.sum(dy * centered, axis=(1, 2))  # [B, C]
+    mean_d = _group_sums(s_dy * scale, num_groups) / m  # <d>, [B, G]
+    mean_dxh = inv_std * _group_sums(s_c * scale, num_groups) / m  # <d xh>, [B, G]
+    # dx = r scale dy - r^2 <d xh> (x - mu) - r <d>, with r = 1 / std.
+    r_c, slope_c, offset_c = _per_channel(inv_std, inv_std * inv_std * mean_dxh, inv_std * mean_d, channels=c)
+    dx = dy * (r_c * scale) - centered * slope_c - offset_c
+    dscale = jnp.sum(r_c[:, 0, 0, :] * s_c, axis=0)
+    dbias = jnp.sum(s_dy, axis=0)
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
 
 
 group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
