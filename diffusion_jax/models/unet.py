@@ -272,8 +272,8 @@ def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
     ``y = (x - mu) a + bias`` with ``a = r scale``, and the gradient
     needs only the per-channel sums ``S_dy = sum dy`` and ``S_c = sum dy (x - mu)``
     (``<d> = sum_group scale S_dy / m``, ``<d xh> = r sum_group scale S_c / m``), then
-    ``dx = a dy - r^2 <d xh> (x - mu) - r <d>``. On XLA:CPU that is 1.5-2.7x
-    faster for forward + backward (with the SiLU after it) than the same
+    ``dx = a dy - r^2 <d xh> (x - mu) - r <d>``. On XLA:CPU that is 1.5-2.2x
+    as fast for forward + backward (with the SiLU after it) as the same
     formulas on a ``[B, HW, G, C/G]`` view (BENCHMARKS.md, change 8).
     Being a ``jax.custom_vjp``, it supports reverse-mode differentiation
     (``jax.grad``, ``jax.vjp``) but not forward mode (``jax.jvp``, ``jax.jacfwd``).
