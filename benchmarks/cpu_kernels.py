@@ -21,15 +21,16 @@ installed, in PyTorch (`nn.Conv2d`, oneDNN):
   small map (`*_fused`, `diffusion_jax.models.unet.upsample_conv3x3`), forward
   and forward + both gradients (`train_*`), as the written-out convolution's
   FLOPs over the time;
-* `norm ...`: GroupNorm (32 groups) + SiLU on the same inputs, forward
+* `norm ...`: GroupNorm (32 groups) + SiLU on the UNet's norm inputs, forward
   (`*_fwd`) and forward + backward (`*_train`), ours
   (`diffusion_jax.models.unet.group_norm`, `gn_*`), `flax.linen.GroupNorm`
   differentiated by JAX (`flax_*`) and PyTorch's `group_norm` (`torch_*`),
   in G elements of the input per second (the record's `gelem_per_s`).
 
-Each figure is FLOPs (2 x multiply-adds) / median seconds over `--repeats`
-calls after one warm-up call. One JSON line per implementation on stdout
-(`task: "kernels"`, `gflops`: kernel -> GFLOP/s); not the images/s record
+Each figure is FLOPs (2 x multiply-adds), or for the norms elements, over the
+median seconds of `--repeats` calls after one warm-up call. One JSON line per
+implementation on stdout (`task: "kernels"`, `gflops`: kernel -> GFLOP/s,
+`gelem_per_s`: norm -> G elements/s); not the images/s record
 of the other scripts, so `compare.py` does not read it.
 
     python benchmarks/cpu_kernels.py                        # float32, ddpm_cifar10 shapes
@@ -211,10 +212,11 @@ def norm_kernels(shapes_name: str, dtype: str, repeats: int, devices) -> dict[st
     from diffusion_jax.models.unet import group_norm
 
     def ours(x, scale, bias):
-        return jax.nn.silu(group_norm(x, scale, bias, 32, 1e-6))
+        return jax.nn.silu(group_norm(x, scale, bias, 32, 1e-6).astype(x.dtype))  # as the UNet casts it
 
     def flax_gn(x, scale, bias):
-        y = nn.GroupNorm(num_groups=32, epsilon=1e-6).apply({"params": {"scale": scale, "bias": bias}}, x)
+        y = nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=x.dtype).apply(
+            {"params": {"scale": scale, "bias": bias}}, x)
         return jax.nn.silu(y)
 
     def train(f):
@@ -266,10 +268,11 @@ def torch_kernels(shapes, dtype: str, repeats: int, threads: int) -> dict[str, d
     return out
 
 
-def torch_norm_kernels(shapes_name: str, dtype: str, repeats: int) -> dict[str, dict[str, float]]:
-    """`norm_kernels` in PyTorch (`nn.GroupNorm` + SiLU, NCHW); run after `torch_kernels`."""
+def torch_norm_kernels(shapes_name: str, dtype: str, repeats: int, threads: int) -> dict[str, dict[str, float]]:
+    """`norm_kernels` in PyTorch (`nn.GroupNorm` + SiLU, NCHW)."""
     import torch
 
+    torch.set_num_threads(threads)
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     out = {}
     for b, s, c in NORM_SHAPES[shapes_name]:
@@ -281,8 +284,8 @@ def torch_norm_kernels(shapes_name: str, dtype: str, repeats: int) -> dict[str, 
             with torch.no_grad():
                 torch.nn.functional.silu(gn(x))
 
-        def train():
-            torch.nn.functional.silu(gn(x)).backward(g)
+        def train():  # the gradients alone: no accumulation into .grad between calls
+            torch.autograd.grad(torch.nn.functional.silu(gn(x)), (x, gn.weight, gn.bias), g)
 
         out[f"norm {_name(b, s, c, c)}"] = {
             "torch_fwd": elements_per_second(b * s * s * c, median_seconds(fwd, repeats)),
@@ -330,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                            "was a backend started before configure_xla?")
     devices = devices[:wanted]
     common = {"task": "kernels", "shapes": args.shapes, "dtype": args.dtype, "unit": "GFLOP/s",
+              "norm_unit": "G elements/s",
               **harness.common_fields(devices), "versions": harness.versions()}
     _print({"impl": "xla", **common, "gflops": xla_kernels(args.shapes, args.dtype, args.repeats, devices),
             "gelem_per_s": norm_kernels(args.shapes, args.dtype, args.repeats, devices)})
@@ -341,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             _print({"impl": "torch", **common, "gflops": found,
-                    "gelem_per_s": torch_norm_kernels(args.shapes, args.dtype, args.repeats),
+                    "gelem_per_s": torch_norm_kernels(args.shapes, args.dtype, args.repeats,
+                                                      threads=usable_cpu_count()),
                   "versions": {**common["versions"], "torch": torch.__version__}})
     return 0
 

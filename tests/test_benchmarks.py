@@ -328,6 +328,12 @@ def test_cpu_kernels_times_every_kernel_of_every_shape(monkeypatch):
     for name, kernels in rec["gelem_per_s"].items():
         assert set(kernels) == {"gn_fwd", "gn_train", "flax_fwd", "flax_train"}, name
         assert all(np.isfinite(v) and v > 0 for v in kernels.values()), (name, kernels)
+    # bfloat16 runs every kernel too (the norms' outputs take the input's dtype, as in the UNet).
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert cpu_kernels.main(["--shapes", "tiny", "--repeats", "1", "--dtype", "bfloat16"]) == 0
+    (rec,) = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert rec["dtype"] == "bfloat16" and len(rec["gelem_per_s"]) == 2 and len(rec["gflops"]) == 4
     with pytest.raises(SystemExit):
         cpu_kernels.main(["--repeats", "0"])
 

@@ -242,9 +242,8 @@ def _group_stats(x: jax.Array, num_groups: int, epsilon: float) -> tuple[jax.Arr
     Two-pass variance, ``mean((x - mu)^2)``, which avoids the cancellation of
     ``E[x^2] - mu^2``. Each pass reduces the pixels per channel first (a
     ``[B, C]`` sum, vectorised along the contiguous channels) and the channels
-    of a group second: on XLA:CPU that is several times faster than one
-    reduction over a ``[B, HW, G, C/G]`` view, whose minor dimension is a
-    group's few channels.
+    of a group second, rather than reducing a ``[B, HW, G, C/G]`` view whose
+    minor dimension is a group's few channels.
     """
     b, h, w, c = x.shape
     count = h * w * (c // num_groups)
