@@ -245,7 +245,7 @@ def _group_stats(x: jax.Array, num_groups: int, epsilon: float) -> tuple[jax.Arr
     of a group second, rather than reducing a ``[B, HW, G, C/G]`` view whose
     minor dimension is a group's few channels.
     """
-    b, h, w, c = x.shape
+    _, h, w, c = x.shape
     count = h * w * (c // num_groups)
     mean = _group_sums(jnp.sum(x, axis=(1, 2)), num_groups) / count
     (mean_c,) = _per_channel(mean, channels=c)
@@ -301,7 +301,7 @@ def _group_norm_fwd(x, scale, bias, num_groups, epsilon):
 
 def _group_norm_bwd(num_groups, epsilon, residuals, dy):
     x, mean, inv_std, scale, bias = residuals
-    b, h, w, c = x.shape
+    _, h, w, c = x.shape
     m = h * w * (c // num_groups)
     (mean_c,) = _per_channel(mean, channels=c)
     centered = x.astype(jnp.float32) - mean_c  # x - mu
