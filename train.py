@@ -16,7 +16,7 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from diffusion_jax import allocator, parallel
+from diffusion_jax import allocator, parallel, xla_cpu
 from diffusion_jax.training import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
@@ -33,6 +33,11 @@ _CPU_DEVICES = flags.DEFINE_integer(
     "Ignored, with a warning, when XLA_FLAGS already sets --xla_force_host_platform_device_count; "
     "no effect on GPU/TPU devices.",
     lower_bound=1)
+_CPU_CONVOLUTIONS = flags.DEFINE_enum(
+    "cpu_convolutions", "auto", list(xla_cpu.LIBRARIES),
+    "On the CPU backend, the library XLA runs every convolution with: ynnpack (XLA's default), eigen, "
+    "or auto (eigen when config.model.ch >= 128, where it is faster; diffusion_jax/xla_cpu.py). "
+    "XLA_FLAGS that set --xla_cpu_experimental_ynn_fusion_type win; no effect on GPU/TPU devices.")
 _JEMALLOC = flags.DEFINE_boolean(
     "jemalloc", True,
     "Re-run this command under jemalloc, keeping freed pages for reuse, where jemalloc is installed "
@@ -56,6 +61,15 @@ def _default_cpu_devices(batch_size) -> int:
         return parallel.cpu_devices_for(batch_size, parallel.usable_cpu_cores())
     except ValueError:
         return 1
+
+
+def _cpu_convolutions(library: str, ch) -> str:
+    """``--cpu_convolutions`` resolved for the model (``xla_cpu.choose``); "ynnpack" where
+    ``config.model.ch`` is bad: the config validation that runs next reports that, naming the field."""
+    try:
+        return xla_cpu.choose(library, ch)
+    except ValueError:
+        return "ynnpack"
 
 
 def _wants_jemalloc(argv) -> bool:
@@ -85,12 +99,17 @@ def main(argv):
     settings = allocator.jemalloc_decay_settings()
     logging.getLogger("diffusion_jax").info(
         "host allocator: %s", f"jemalloc ({settings})" if settings else "system malloc")
-    # Before anything starts a JAX backend: how many devices the CPU backend shows.
+    # Before anything starts a JAX backend: how many devices the CPU backend shows, and which
+    # library runs its convolutions.
     requested = _CPU_DEVICES.value or _default_cpu_devices(_CONFIG.value.batch_size)
     if not parallel.request_cpu_devices(requested) and _CPU_DEVICES.value is not None:
         logging.getLogger("diffusion_jax").warning(
             "--cpu_devices=%d is ignored: XLA_FLAGS already sets --xla_force_host_platform_device_count",
             _CPU_DEVICES.value)
+    xla_cpu.request(_cpu_convolutions(_CPU_CONVOLUTIONS.value, _CONFIG.value.model.ch))
+    if allocator.jax_runs_on_cpu():
+        logging.getLogger("diffusion_jax").info(
+            "XLA:CPU convolutions: %s", "YNNPACK" if xla_cpu.convolutions_on_ynnpack() else "Eigen")
     if _MODE.value == "train":
         trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     elif _MODE.value == "evaluate":

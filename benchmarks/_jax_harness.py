@@ -80,11 +80,16 @@ def default_cpu_devices(batches) -> int | None:
 
 
 def add_device_args(parser) -> None:
-    """`--cpu-devices` and `--xla-flags`, the device options both of our scripts take."""
+    """`--cpu-devices`, `--xla-flags` and `--cpu-convolutions`, the device options our scripts take."""
+    from diffusion_jax import xla_cpu
+
     parser.add_argument("--cpu-devices", type=_positive_int, default=None,
                         help="split the CPU into this many XLA devices (data parallel; default: as "
                              "train.py, one per core, as many as divide the batch)")
     parser.add_argument("--xla-flags", default="", help="extra XLA flags, space-separated")
+    parser.add_argument("--cpu-convolutions", choices=xla_cpu.LIBRARIES, default="auto",
+                        help="the library XLA:CPU runs convolutions with (default: as train.py, "
+                             "eigen for workloads of >= 128 channels; diffusion_jax/xla_cpu.py)")
     _report.add_allocator_arg(parser)
 
 
@@ -97,13 +102,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def start_devices(requested_cpu_devices: int | None, batches, extra_flags: str = ""):
+def start_devices(requested_cpu_devices: int | None, batches, extra_flags: str = "", *,
+                  cpu_convolutions: str = "ynnpack", ch: int = 1):
     """Configures XLA, then starts JAX's backend; returns ``jax.devices()``.
 
     Args:
       requested_cpu_devices: `--cpu-devices` as given (None: `default_cpu_devices`).
       batches: the CPU batches of the run, for the default device count.
-      extra_flags: `--xla-flags`.
+      extra_flags: `--xla-flags` (a convolution library set there wins).
+      cpu_convolutions: `--cpu-convolutions`, resolved for a UNet of base width
+        `ch` as train.py does (`diffusion_jax.xla_cpu.choose`).
+      ch: the workload's `UNetConfig.ch`.
 
     Raises:
       RuntimeError: a count was asked for but the CPU backend came up with
@@ -113,6 +122,9 @@ def start_devices(requested_cpu_devices: int | None, batches, extra_flags: str =
     if cpu_devices is None:
         cpu_devices = default_cpu_devices(batches)
     configure_xla(cpu_devices=cpu_devices, extra_flags=extra_flags)
+    from diffusion_jax import xla_cpu
+
+    xla_cpu.request(xla_cpu.choose(cpu_convolutions, ch))
     import jax
 
     devices = jax.devices()
@@ -258,11 +270,15 @@ class CpuShare:
 
 
 def common_fields(devices) -> dict[str, Any]:
-    """Record fields describing the machine and its state: device, load, XLA flags."""
+    """Record fields describing the machine and its state: device, load, XLA flags (and on CPU
+    the convolution library they choose)."""
+    from diffusion_jax import xla_cpu
+
     return {
         "device": device_name(devices),
         "num_devices": len(devices),
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "allocator": _report.allocator_name(),
-    }
+    } | ({"cpu_convolutions": "ynnpack" if xla_cpu.convolutions_on_ynnpack() else "eigen"}
+         if devices[0].platform == "cpu" else {})

@@ -440,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workload = workloads.get_workload(args.workload)
     batch = args.batch or workload.batch_cpu
-    devices = harness.start_devices(args.cpu_devices, [batch], f"{TRACEME_FLAG} {args.xla_flags}")
+    devices = harness.start_devices(args.cpu_devices, [batch], f"{TRACEME_FLAG} {args.xla_flags}",
+                                    cpu_convolutions=args.cpu_convolutions, ch=workload.unet.ch)
     import jax
 
     from diffusion_jax import parallel

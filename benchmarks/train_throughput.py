@@ -255,7 +255,8 @@ def measure(args: argparse.Namespace, workload: workloads.Workload, batch: int, 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workload = workloads.get_workload(args.workload)
-    devices = harness.start_devices(args.cpu_devices, args.batch or [workload.batch_cpu], args.xla_flags)
+    devices = harness.start_devices(args.cpu_devices, args.batch or [workload.batch_cpu], args.xla_flags,
+                                    cpu_convolutions=args.cpu_convolutions, ch=workload.unet.ch)
     from diffusion_jax import parallel
 
     on_gpu = devices[0].platform != "cpu"

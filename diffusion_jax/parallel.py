@@ -123,6 +123,15 @@ def cpu_devices_for(batch_size: int, cores: int, num_processes: int = 1) -> int:
         if batch_size % num_processes == 0 else 1
 
 
+def backend_started() -> bool:
+    """Whether a JAX backend has started (after which ``XLA_FLAGS`` is no longer read)."""
+    # No public API says whether a backend started.
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+
+    started = getattr(xla_bridge, "backends_are_initialized", lambda: False)
+    return bool(started())
+
+
 def request_cpu_devices(count: int) -> bool:
     """Asks XLA to present the host CPU as ``count`` devices, unless ``XLA_FLAGS`` already says how many.
 
@@ -147,10 +156,7 @@ def request_cpu_devices(count: int) -> bool:
     flags = os.environ.get("XLA_FLAGS", "")
     if _CPU_DEVICE_FLAG in flags:
         return False
-    from jax._src import xla_bridge  # no public API says whether a backend started
-
-    started = getattr(xla_bridge, "backends_are_initialized", lambda: False)
-    if started():
+    if backend_started():
         raise RuntimeError("request_cpu_devices: a JAX backend has already started; call it before "
                            "anything touches a JAX device")
     os.environ["XLA_FLAGS"] = f"{flags} {_CPU_DEVICE_FLAG}={int(count)}".strip()

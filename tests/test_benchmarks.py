@@ -83,6 +83,8 @@ def test_train_throughput_reports_one_record_per_measurement(smoke_workload):
         assert r["mfu"] is None or 0 < r["mfu"] < 1
         assert r["peak_mem_bytes"] > 0
         assert r["allocator"] == "system" or r["allocator"].startswith("jemalloc (dirty_decay_ms:")
+        if jax.default_backend() == "cpu":  # "auto" keeps YNNPACK for a UNet 32 channels wide
+            assert r["cpu_convolutions"] == "ynnpack"
 
 
 @pytest.mark.parametrize("argv,relaunches", [
@@ -142,6 +144,9 @@ def test_train_throughput_rejects_bad_flags():
         train_throughput.parse_args(["--workload", "nope"])
     with pytest.raises(SystemExit):
         train_throughput.parse_args(["--workload", "tiny", "--batch", "0"])
+    with pytest.raises(SystemExit):
+        train_throughput.parse_args(["--workload", "tiny", "--cpu-convolutions", "onednn"])
+    assert train_throughput.parse_args(["--workload", "tiny"]).cpu_convolutions == "auto"
 
 
 def test_sample_throughput_reports_and_compile_scaling(smoke_workload):

@@ -54,7 +54,7 @@ import PIL.Image
 import pytest
 from tensorboardX.proto import event_pb2
 
-from diffusion_jax import input_pipeline, parallel
+from diffusion_jax import input_pipeline, parallel, xla_cpu
 from diffusion_jax.training import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -704,3 +704,32 @@ def test_cpu_device_requests_name_what_is_wrong(monkeypatch):
     with pytest.raises(RuntimeError, match="already started"):
         parallel.request_cpu_devices(2)
     assert os.environ["XLA_FLAGS"] == other
+
+
+# =============================================================================
+# XLA:CPU's convolution library (train.py --cpu_convolutions)
+# =============================================================================
+
+_USER_YNNPACK = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution,reduce"
+
+
+@pytest.mark.parametrize("xla_flags,overrides,flag,want", [
+    ("", {}, None, "YNNPACK"),                                              # auto, ch 32
+    ("", {"model.ch": 128}, None, "auto"),                                  # auto, ch 128
+    ("", {"model.ch": 128}, "--cpu_convolutions=ynnpack", "YNNPACK"),       # forced
+    (_USER_YNNPACK, {}, "--cpu_convolutions=eigen", "YNNPACK"),             # XLA_FLAGS win
+])
+def test_train_py_chooses_the_cpu_convolutions(data_dir, env, tmp_path, xla_flags, overrides, flag, want):
+    if want == "auto":  # Eigen where xla_cpu checked the flag's default set
+        want = "Eigen" if xla_cpu._jaxlib_version() in xla_cpu.CHECKED_JAXLIB else "YNNPACK"
+    proc = _run(_train_py(tmp_path / "run", data_dir, {"num_train_steps": 2, **overrides},
+                          flags=[flag] if flag else []), dict(env, XLA_FLAGS=xla_flags))
+    _ok(proc.returncode, proc.stderr)
+    found = re.findall(r"XLA:CPU convolutions: (\w+)", proc.stderr)
+    assert found == [want], proc.stderr[-3000:]
+
+
+def test_train_py_rejects_an_unknown_convolution_library(data_dir, env, tmp_path):
+    proc = _run(_train_py(tmp_path / "run", data_dir, flags=["--cpu_convolutions=onednn"]), dict(env, XLA_FLAGS=""))
+    assert proc.returncode != 0 and "cpu_convolutions" in proc.stderr
+    assert not (tmp_path / "run").exists()  # rejected before any work

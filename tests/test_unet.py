@@ -492,6 +492,21 @@ def test_tap_weight_gradient_is_chosen_by_positions_map_and_channels(lhs, rhs, s
     assert _taps_pay_off(lhs, rhs, strides) is want
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the taps are a CPU choice")
+def test_auto_leaves_the_weight_gradient_to_xla_with_eigen_convolutions(monkeypatch):
+    # With Eigen convolutions (diffusion_jax.xla_cpu) XLA's own kernel gradient
+    # is faster than the taps: "auto" uses it everywhere; "taps" still forces them.
+    from diffusion_jax.models.unet import (_conv_function, _conv_general_dilated_taps,
+                                           _conv_general_dilated_taps_where_faster)
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    assert _conv_function("auto") is _conv_general_dilated_taps_where_faster
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce")
+    assert _conv_function("auto") is None  # nn.Conv's default: lax.conv_general_dilated
+    assert _conv_function("taps") is _conv_general_dilated_taps
+    assert _conv_function("xla") is None
+
+
 # ----------------------------------------------------------------------------- upsample + conv
 # Nearest 2x upsampling followed by a 3x3 conv, computed on the low-resolution map.
 

@@ -27,10 +27,11 @@ Compute dtype: parameters are float32; activations use ``UNetConfig.dtype``
 (float32 or bfloat16). GroupNorm statistics and the attention softmax are
 computed in float32 whatever the compute dtype, and the output is float32.
 
-Speed: on CPU, the weight gradient of the large 3x3 convolutions is computed
-as one matmul per kernel tap (:func:`conv_weight_grad_by_taps`) instead of
-XLA's own backward-filter convolution, which XLA:CPU runs at a fifth to a
-third of its forward convolution speed on 32x32 and 16x16 maps (BENCHMARKS.md).
+Speed: on CPU with YNNPACK convolutions (XLA's default; :mod:`diffusion_jax.xla_cpu`
+chooses), the weight gradient of the large 3x3 convolutions is computed as one
+matmul per kernel tap (:func:`conv_weight_grad_by_taps`) instead of XLA's own
+backward-filter convolution, which YNNPACK runs at a fifth to a third of its
+forward convolution speed on 32x32 and 16x16 maps (BENCHMARKS.md).
 The choice is ``UNetConfig.conv_weight_grad``; values are the same either way.
 Each 2x upsampling and the 3x3 conv after it are one op on the small map
 (:func:`upsample_conv3x3`): about 4 instead of 9 multiplies per output on
@@ -50,6 +51,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from diffusion_jax import xla_cpu
 
 _NUM_GROUPS = 32  # GroupNorm groups, Ho et al. 2020 App. B
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -100,10 +103,13 @@ class UNetConfig:
         bfloat16 and a head width cuDNN supports).
       conv_weight_grad: how the gradient of the 3x3 convolution kernels is computed:
         "xla" (XLA's backward-filter convolution), "taps" (one matmul per kernel
-        tap, :func:`conv_weight_grad_by_taps`), or "auto" (on the CPU backend,
-        "taps" for the convolutions where it is faster there: output maps of
-        16x16 and up, >= 4096 output positions per device (the per-device
-        batch times the output map) and >= 128 channels; "xla" elsewhere).
+        tap, :func:`conv_weight_grad_by_taps`), or "auto" (on the CPU backend
+        with YNNPACK convolutions, XLA's default, "taps" for the convolutions
+        where it is faster there: output maps of 16x16 and up, >= 4096 output
+        positions per device (the per-device batch times the output map) and
+        >= 128 channels; "xla" elsewhere, and everywhere with Eigen
+        convolutions, whose kernel gradient is faster than the taps:
+        :mod:`diffusion_jax.xla_cpu`).
         Speed only: the gradient is the same up to float rounding. (The convolutions that
         follow a 2x upsampling always take their own path, :func:`upsample_conv3x3`.)
     """
@@ -472,7 +478,7 @@ def _conv_function(weight_grad: str):
     """The ``conv_general_dilated`` for ``nn.Conv`` that ``UNetConfig.conv_weight_grad`` asks for."""
     if weight_grad == "taps":
         return _conv_general_dilated_taps
-    if weight_grad == "auto" and jax.default_backend() == "cpu":
+    if weight_grad == "auto" and jax.default_backend() == "cpu" and xla_cpu.convolutions_on_ynnpack():
         return _conv_general_dilated_taps_where_faster
     return None  # nn.Conv's default, lax.conv_general_dilated
 

@@ -1,0 +1,122 @@
+"""Which library XLA:CPU runs the convolutions with, chosen per model before JAX starts.
+
+XLA:CPU has two convolution libraries. By default YNNPACK takes every 2-D
+float32 convolution (the default of ``--xla_cpu_experimental_ynn_fusion_type``
+is ``individual_dot,individual_convolution,reduce`` in jaxlib 0.10); the same
+flag without ``individual_convolution`` leaves the convolutions to Eigen's
+spatial convolutions and everything else on YNNPACK as before.
+
+Which is faster depends on the layer width. Measured on the project's 2-core
+AVX-512 machine (BENCHMARKS.md, change 9): Eigen runs the 35.7M DDPM UNet's
+convolutions (128-256 channels) at 350-410 GFLOP/s against YNNPACK's 310-345,
+and its own kernel gradient at 240-340 against 55-270, which makes
+ddpm_cifar10 sampling 7% and training more faster; YNNPACK is faster on the
+``tiny`` UNet's narrow layers (32-64 channels on 16x16 and 8x8 maps).
+
+XLA reads the flag once, when the CPU backend starts, and applies it to every
+convolution of the process: the choice follows the model, ``"auto"`` taking
+Eigen when every 3x3 convolution between the stem and the head has at least
+:data:`EIGEN_MIN_CHANNELS` channels (``UNetConfig.ch >= 128``).
+
+The flag is experimental and an unknown XLA flag stops the process, so
+``"auto"`` uses it only on the jaxlib versions whose default set was checked
+(:data:`CHECKED_JAXLIB`), and only where JAX will run on the CPU; elsewhere it
+leaves XLA's default. ``XLA_FLAGS`` that already set the flag win.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from diffusion_jax import allocator
+
+FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+# XLA's default set (jaxlib 0.10) less `individual_convolution`.
+EIGEN_FUSION_TYPES = "individual_dot,reduce"
+# (major, minor) jaxlib versions whose default set is individual_dot,individual_convolution,reduce.
+CHECKED_JAXLIB = ((0, 10),)
+EIGEN_MIN_CHANNELS = 128
+LIBRARIES = ("auto", "ynnpack", "eigen")
+
+_log = logging.getLogger(__name__)
+
+
+def _jaxlib_version() -> tuple[int, int]:
+    import jaxlib  # pylint: disable=g-import-not-at-top
+
+    major, minor = jaxlib.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def choose(library: str, ch: int) -> str:
+    """The convolution library for a UNet of base width ``ch``: "ynnpack" or "eigen".
+
+    Args:
+      library: "ynnpack" or "eigen" (returned as given), or "auto": "eigen"
+        when ``ch >= EIGEN_MIN_CHANNELS``, JAX will run on the CPU and jaxlib
+        is a version in :data:`CHECKED_JAXLIB`; "ynnpack" otherwise.
+      ch: ``UNetConfig.ch``, the width of the narrowest 3x3 convolutions.
+
+    Raises:
+      ValueError: ``library`` is not one of :data:`LIBRARIES`, or ``ch`` is not an int >= 1.
+    """
+    if library not in LIBRARIES:
+        raise ValueError(f"cpu convolutions must be one of {LIBRARIES}, got {library!r}")
+    if isinstance(ch, bool) or not isinstance(ch, int) or ch < 1:
+        raise ValueError(f"xla_cpu.choose: ch must be an int >= 1, got {ch!r}")
+    if library != "auto":
+        return library
+    wide = ch >= EIGEN_MIN_CHANNELS
+    return "eigen" if wide and allocator.jax_runs_on_cpu() and _jaxlib_version() in CHECKED_JAXLIB else "ynnpack"
+
+
+def request(library: str) -> bool:
+    """Asks XLA:CPU to run convolutions with ``library``, unless ``XLA_FLAGS`` already chose.
+
+    "eigen" adds ``--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce``
+    to ``XLA_FLAGS``; "ynnpack" is XLA's default and changes nothing. XLA reads
+    the flag when the first backend starts, so this must run before anything
+    touches a JAX device.
+
+    Returns:
+      True if the flag was set; False if ``library`` is "ynnpack" or
+      ``XLA_FLAGS`` already set the flag (the user's choice wins).
+
+    Raises:
+      ValueError: ``library`` is not "ynnpack" or "eigen".
+      RuntimeError: asked for "eigen" after a JAX backend started (the flag
+        would be ignored).
+    """
+    if library not in ("ynnpack", "eigen"):
+        raise ValueError(f"xla_cpu.request: library must be 'ynnpack' or 'eigen', got {library!r}")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if library == "ynnpack" or FLAG in flags:
+        return False
+    from diffusion_jax import parallel  # pylint: disable=g-import-not-at-top
+
+    if parallel.backend_started():
+        raise RuntimeError("xla_cpu.request: a JAX backend has already started; call it before "
+                           "anything touches a JAX device")
+    if _jaxlib_version() not in CHECKED_JAXLIB:
+        _log.warning("Eigen convolutions asked for on jaxlib %s.%s, whose XLA:CPU default fusion set "
+                     "was not checked: setting %s=%s", *_jaxlib_version(), FLAG, EIGEN_FUSION_TYPES)
+    os.environ["XLA_FLAGS"] = f"{flags} {FLAG}={EIGEN_FUSION_TYPES}".strip()
+    return True
+
+
+def convolutions_on_ynnpack(xla_flags: str | None = None) -> bool:
+    """Whether XLA:CPU runs this process's convolutions with YNNPACK, as ``XLA_FLAGS`` says.
+
+    True unless ``XLA_FLAGS`` (or ``xla_flags``) sets :data:`FLAG` to a set
+    without ``individual_convolution``; the last setting wins, as in XLA.
+    """
+    flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
+    value = None
+    for token in flags.split():
+        name, _, rest = token.partition("=")
+        if name == FLAG:
+            value = rest
+    if value is None:
+        return True
+    return "individual_convolution" in (v.strip() for v in value.split(","))
