@@ -36,8 +36,9 @@ _CPU_DEVICES = flags.DEFINE_integer(
 _CPU_CONVOLUTIONS = flags.DEFINE_enum(
     "cpu_convolutions", "auto", list(xla_cpu.LIBRARIES),
     "On the CPU backend, the library XLA runs every convolution with: ynnpack (XLA's default), eigen, "
-    "or auto (eigen when config.model.ch >= 128, where it is faster; diffusion_jax/xla_cpu.py). "
-    "XLA_FLAGS that set --xla_cpu_experimental_ynn_fusion_type win; no effect on GPU/TPU devices.")
+    "or auto (eigen when config.model.ch >= 128, where it is faster, JAX runs on the CPU and jaxlib is "
+    "a version whose XLA defaults were checked; diffusion_jax/xla_cpu.py). Ignored, with a warning, when "
+    "XLA_FLAGS already set --xla_cpu_experimental_ynn_fusion_type; no effect on GPU/TPU devices.")
 _JEMALLOC = flags.DEFINE_boolean(
     "jemalloc", True,
     "Re-run this command under jemalloc, keeping freed pages for reuse, where jemalloc is installed "
@@ -106,10 +107,14 @@ def main(argv):
         logging.getLogger("diffusion_jax").warning(
             "--cpu_devices=%d is ignored: XLA_FLAGS already sets --xla_force_host_platform_device_count",
             _CPU_DEVICES.value)
-    xla_cpu.request(_cpu_convolutions(_CPU_CONVOLUTIONS.value, _CONFIG.value.model.ch))
+    library = _cpu_convolutions(_CPU_CONVOLUTIONS.value, _CONFIG.value.model.ch)
+    xla_cpu.request(library)
+    on_ynnpack = xla_cpu.convolutions_on_ynnpack()
+    if _CPU_CONVOLUTIONS.value != "auto" and (library == "ynnpack") != on_ynnpack:
+        logging.getLogger("diffusion_jax").warning(
+            "--cpu_convolutions=%s is ignored: XLA_FLAGS already sets %s", _CPU_CONVOLUTIONS.value, xla_cpu.FLAG)
     if allocator.jax_runs_on_cpu():
-        logging.getLogger("diffusion_jax").info(
-            "XLA:CPU convolutions: %s", "YNNPACK" if xla_cpu.convolutions_on_ynnpack() else "Eigen")
+        logging.getLogger("diffusion_jax").info("XLA:CPU convolutions: %s", "YNNPACK" if on_ynnpack else "Eigen")
     if _MODE.value == "train":
         trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     elif _MODE.value == "evaluate":

@@ -8,10 +8,12 @@ spatial convolutions and everything else on YNNPACK as before.
 
 Which is faster depends on the layer width. Measured on the project's 2-core
 AVX-512 machine (BENCHMARKS.md, change 9): Eigen runs the 35.7M DDPM UNet's
-convolutions (128-256 channels) at 350-410 GFLOP/s against YNNPACK's 310-345,
-and its own kernel gradient at 240-340 against 55-270, which makes
-ddpm_cifar10 sampling 7% and training more faster; YNNPACK is faster on the
-``tiny`` UNet's narrow layers (32-64 channels on 16x16 and 8x8 maps).
+convolutions (128-256 channels, 32x32 to 8x8 maps) at 364-408 GFLOP/s forward
+and 341-404 for the input gradient against YNNPACK's 312-345 and 314-342, and
+its own kernel gradient at 242-342 against 55-271, which makes ddpm_cifar10
+sampling 7% and training 11% faster; YNNPACK is faster on the ``tiny`` UNet's
+narrow layers (32-64 channels on 16x16 and 8x8 maps). The rule below is
+measured at those two widths only (wider maps, e.g. 64x64, are not measured).
 
 XLA reads the flag once, when the CPU backend starts, and applies it to every
 convolution of the process: the choice follows the model, ``"auto"`` taking
@@ -21,7 +23,12 @@ Eigen when every 3x3 convolution between the stem and the head has at least
 The flag is experimental and an unknown XLA flag stops the process, so
 ``"auto"`` uses it only on the jaxlib versions whose default set was checked
 (:data:`CHECKED_JAXLIB`), and only where JAX will run on the CPU; elsewhere it
-leaves XLA's default. ``XLA_FLAGS`` that already set the flag win.
+leaves XLA's default (``tests/test_xla_cpu.py`` checks the default set on
+the installed jaxlib). ``XLA_FLAGS`` that already set the flag win.
+
+The choice is read back from ``XLA_FLAGS`` (:func:`convolutions_on_ynnpack`,
+used by ``UNetConfig.conv_weight_grad="auto"``), so change ``XLA_FLAGS`` only
+before JAX starts.
 """
 
 from __future__ import annotations
@@ -91,7 +98,7 @@ def request(library: str) -> bool:
     if library not in ("ynnpack", "eigen"):
         raise ValueError(f"xla_cpu.request: library must be 'ynnpack' or 'eigen', got {library!r}")
     flags = os.environ.get("XLA_FLAGS", "")
-    if library == "ynnpack" or FLAG in flags:
+    if library == "ynnpack" or _flag_value(flags) is not None:
         return False
     from diffusion_jax import parallel  # pylint: disable=g-import-not-at-top
 
@@ -111,12 +118,17 @@ def convolutions_on_ynnpack(xla_flags: str | None = None) -> bool:
     True unless ``XLA_FLAGS`` (or ``xla_flags``) sets :data:`FLAG` to a set
     without ``individual_convolution``; the last setting wins, as in XLA.
     """
-    flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
-    value = None
-    for token in flags.split():
-        name, _, rest = token.partition("=")
-        if name == FLAG:
-            value = rest
+    value = _flag_value(os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags)
     if value is None:
         return True
     return "individual_convolution" in (v.strip() for v in value.split(","))
+
+
+def _flag_value(xla_flags: str) -> str | None:
+    """The value :data:`FLAG` has in ``xla_flags`` (the last setting wins, as in XLA), or None."""
+    value = None
+    for token in xla_flags.split():
+        name, _, rest = token.partition("=")
+        if name == FLAG:
+            value = rest.strip("\"'")
+    return value

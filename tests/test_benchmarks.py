@@ -165,6 +165,26 @@ def test_sample_throughput_reports_and_compile_scaling(smoke_workload):
     assert all(x["compile_s"] > 0 and x["img_per_s"] is None for x in recs)
 
 
+def test_scripts_choose_the_cpu_convolutions_by_the_workloads_width(monkeypatch):
+    # The scripts pass their workload's width to xla_cpu.choose, as train.py does:
+    # "auto" asks for Eigen at 128 channels (on a checked jaxlib), YNNPACK at 32.
+    from diffusion_jax import xla_cpu
+
+    asked = []
+    monkeypatch.setattr(xla_cpu, "request", asked.append)  # this process's backend has started
+    monkeypatch.setattr(xla_cpu.allocator, "jax_runs_on_cpu", lambda environ=None: True)
+    monkeypatch.setattr(xla_cpu, "_jaxlib_version", lambda: xla_cpu.CHECKED_JAXLIB[0])
+    wide = dataclasses.replace(SMOKE, unet=dataclasses.replace(SMOKE.unet, ch=128))
+    n = jax.device_count()
+    for workload, flags, want in ((wide, [], "eigen"), (SMOKE, [], "ynnpack"), (wide, ["--cpu-convolutions", "ynnpack"],
+                                                                               "ynnpack")):
+        monkeypatch.setitem(workloads.WORKLOADS, "smoke", workload)
+        asked.clear()
+        _records(sample_throughput.main, ["--workload", "smoke", "--batch", str(n), "--sampler", "ddim",
+                                          "--num-steps", "2", "--repeats", "1", "--warmup", "0", *flags])
+        assert asked == [want]
+
+
 def test_sample_throughput_rejects_bad_flags():
     with pytest.raises(SystemExit):
         sample_throughput.parse_args(["--workload", "tiny", "--num-steps", "1001"])

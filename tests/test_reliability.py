@@ -717,7 +717,8 @@ _USER_YNNPACK = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,individua
     ("", {}, None, "YNNPACK"),                                              # auto, ch 32
     ("", {"model.ch": 128}, None, "auto"),                                  # auto, ch 128
     ("", {"model.ch": 128}, "--cpu_convolutions=ynnpack", "YNNPACK"),       # forced
-    (_USER_YNNPACK, {}, "--cpu_convolutions=eigen", "YNNPACK"),             # XLA_FLAGS win
+    ("", {}, "--cpu_convolutions=eigen", "Eigen"),                          # forced
+    (_USER_YNNPACK, {}, "--cpu_convolutions=eigen", "YNNPACK"),             # XLA_FLAGS win, with a warning
 ])
 def test_train_py_chooses_the_cpu_convolutions(data_dir, env, tmp_path, xla_flags, overrides, flag, want):
     if want == "auto":  # Eigen where xla_cpu checked the flag's default set
@@ -727,6 +728,7 @@ def test_train_py_chooses_the_cpu_convolutions(data_dir, env, tmp_path, xla_flag
     _ok(proc.returncode, proc.stderr)
     found = re.findall(r"XLA:CPU convolutions: (\w+)", proc.stderr)
     assert found == [want], proc.stderr[-3000:]
+    assert ("--cpu_convolutions=eigen is ignored" in proc.stderr) == bool(xla_flags)
 
 
 def test_train_py_rejects_an_unknown_convolution_library(data_dir, env, tmp_path):

@@ -97,6 +97,8 @@ def test_a_late_request_raises_and_leaves_the_flags(monkeypatch):
     ("--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution,reduce", True),
     (f"{EIGEN_FLAG} --xla_cpu_experimental_ynn_fusion_type=individual_convolution", True),  # the last wins
     (f"--xla_cpu_experimental_ynn_fusion_type=individual_convolution {EIGEN_FLAG}", False),
+    ('--xla_cpu_experimental_ynn_fusion_type="individual_dot,reduce"', False),  # quoted
+    ("--xla_cpu_experimental_ynn_fusion_types=individual_dot", True),  # another name
 ])
 def test_convolutions_on_ynnpack_reads_the_flags(flags, want):
     assert xla_cpu.convolutions_on_ynnpack(flags) is want

@@ -367,9 +367,10 @@ def conv_weight_grad_by_taps(x: jax.Array, g: jax.Array, kernel_size: tuple[int,
 
     for each tap ``(i, j)`` the product ``X_ij^T G = (G^T X_ij)^T`` of the strided window
     ``X_ij`` of ``xp`` (``[B P Q, C_in]``) and ``G`` (``[B P Q, C_out]``). XLA:CPU
-    runs these matmuls 1.2-3.3x as fast as its backward-filter convolution on
+    runs these matmuls 1.2-3.3x as fast as its YNNPACK backward-filter convolution on
     32x32 and 16x16 maps (on smaller maps the training step gains nothing from
-    them; see ``UNetConfig.conv_weight_grad``). Products accumulate in float32.
+    them; with Eigen convolutions XLA's own is faster: see ``UNetConfig.conv_weight_grad``
+    and :mod:`diffusion_jax.xla_cpu`). Products accumulate in float32.
 
     Args:
       x: ``[B, H, W, C_in]`` input of the convolution.
@@ -428,7 +429,7 @@ def _conv_with_tap_weight_grad_bwd(strides, pads, residuals, g):
 _conv_with_tap_weight_grad.defvjp(_conv_with_tap_weight_grad_fwd, _conv_with_tap_weight_grad_bwd)
 
 
-# Where the tap weight gradient makes XLA:CPU's training step faster (measured on
+# Where the tap weight gradient makes XLA:CPU's training step faster with YNNPACK convolutions (measured on
 # a 2-core Xeon, BENCHMARKS.md, changes 2 and 7): output maps of 16x16 and up with
 # many output positions (the matmuls' inner dimension) and wide channels. On 8x8
 # and smaller maps (no faster step, though two devices' kernels favour the taps
