@@ -176,8 +176,8 @@ def test_scripts_choose_the_cpu_convolutions_by_the_workloads_width(monkeypatch)
     monkeypatch.setattr(xla_cpu, "_jaxlib_version", lambda: xla_cpu.CHECKED_JAXLIB[0])
     wide = dataclasses.replace(SMOKE, unet=dataclasses.replace(SMOKE.unet, ch=128))
     n = jax.device_count()
-    for workload, flags, want in ((wide, [], "eigen"), (SMOKE, [], "ynnpack"), (wide, ["--cpu-convolutions", "ynnpack"],
-                                                                               "ynnpack")):
+    cases = ((wide, [], "eigen"), (SMOKE, [], "ynnpack"), (wide, ["--cpu-convolutions", "ynnpack"], "ynnpack"))
+    for workload, flags, want in cases:
         monkeypatch.setitem(workloads.WORKLOADS, "smoke", workload)
         asked.clear()
         _records(sample_throughput.main, ["--workload", "smoke", "--batch", str(n), "--sampler", "ddim",
