@@ -38,6 +38,9 @@ Each 2x upsampling and the 3x3 conv after it are one op on the small map
 large maps, on any backend; 6% of the 35.7M model's FLOPs. GroupNorm
 (:func:`group_norm`) is written with per-channel coefficients, both ways, so
 that every pass over the activations runs along the contiguous channels.
+Dropout (:mod:`diffusion_jax.models.dropout`) draws the masks of
+``flax.linen.Dropout``, bit for bit, with the random bits written so that XLA
+fuses them into the pass that applies the mask.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import xla_cpu
+from diffusion_jax.models.dropout import Dropout
 
 _NUM_GROUPS = 32  # GroupNorm groups, Ho et al. 2020 App. B
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -678,7 +682,7 @@ class ResBlock(nn.Module):
         else:
             h = _group_norm(self.dtype, "norm2")(h + emb_out)
         h = nn.swish(h)
-        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        h = Dropout(self.dropout)(h, deterministic=not train)
         h = _conv3x3(self.out_ch, self.dtype, "conv2", zero_init=True, weight_grad=self.conv_weight_grad)(h)
 
         if x.shape[-1] != self.out_ch:
