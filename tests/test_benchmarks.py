@@ -24,7 +24,6 @@ import pytest
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH_DIR))
 
-import _jax_harness as harness  # noqa: E402
 import _report  # noqa: E402
 import sample_throughput  # noqa: E402
 import train_throughput  # noqa: E402
