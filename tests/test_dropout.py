@@ -99,6 +99,23 @@ def test_module_equals_flax_dropout(dtype):
     np.testing.assert_array_equal(Net(Dropout).apply({}, x, False), x * 2)
 
 
+def test_module_keys_after_a_rate_one_layer_are_flax_keys():
+    # Flax draws no key for rate 1 (all zeros); the next layer's key, and so
+    # its mask, must not shift.
+    class Net(nn.Module):
+        cls: type
+
+        @nn.compact
+        def __call__(self, x):
+            return self.cls(1.0)(x, deterministic=False), self.cls(0.5)(x, deterministic=False)
+
+    x = jnp.ones((64, 64))
+    rngs = {"dropout": jax.random.key(8)}
+    ours, theirs = Net(Dropout).apply({}, x, rngs=rngs), Net(nn.Dropout).apply({}, x, rngs=rngs)
+    np.testing.assert_array_equal(ours[0], jnp.zeros_like(x))
+    np.testing.assert_array_equal(ours[1], theirs[1])
+
+
 def test_rates_zero_and_one_and_bad_rates():
     x = jnp.arange(1.0, 13.0).reshape(3, 4)
     key = jax.random.key(0)

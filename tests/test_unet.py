@@ -513,7 +513,7 @@ def test_auto_leaves_the_weight_gradient_to_xla_with_eigen_convolutions(monkeypa
 import flax.linen as nn  # noqa: E402
 
 from diffusion_jax.models.unet import (  # noqa: E402
-    Upsample, UpsampleConv, _default_init, upsample_conv3x3, upsample_conv3x3_kernel)
+    Upsample, UpsampleConv, _default_init, _zero_init, upsample_conv3x3, upsample_conv3x3_kernel)
 
 
 def _upsample_conv_ref(x, w):
@@ -650,3 +650,33 @@ def test_unet_output_is_unchanged_by_computing_upsampling_on_the_small_map(updow
     reference = UNet(config).apply({"params": params}, x, t, train=False)
     np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4)
     assert np.abs(np.asarray(ours)).mean() > 1e-2
+
+
+def _dense_on_the_4d_input(features, dtype, name, *, zero_init=False):
+    """The projections as first written: ``nn.Dense`` on the NHWC input itself."""
+    return nn.Dense(features, dtype=dtype, kernel_init=_zero_init if zero_init else _default_init, name=name)
+
+
+def test_unet_value_and_gradient_unchanged_by_flattening_the_projections(monkeypatch):
+    # The 1x1 shortcuts and the attention projections apply nn.Dense to the
+    # pixels as a [B*H*W, C] matrix; against nn.Dense on the 4-D input (the
+    # same parameters), the loss and every parameter's gradient agree.
+    from diffusion_jax.models import unet as unet_module
+
+    config = UNetConfig(**dict(SMALL, dropout=0.0))
+    params = _random_params(config)
+    x, t, _ = _inputs(jax.random.key(6))
+
+    def loss_and_grad():
+        def loss(p):
+            return jnp.mean(jnp.square(UNet(config).apply({"params": p}, x, t, train=True)))
+        return jax.value_and_grad(loss)(params)
+
+    ours = loss_and_grad()
+    monkeypatch.setattr(unet_module, "_dense", _dense_on_the_4d_input)
+    reference = loss_and_grad()
+    assert reference[0] > 1e-3
+    np.testing.assert_allclose(ours[0], reference[0], rtol=1e-5)
+    for path, g in jax.tree_util.tree_leaves_with_path(reference[1]):
+        assert np.abs(np.asarray(g)).max() > 0, path
+    chex.assert_trees_all_close(ours[1], reference[1], rtol=1e-4, atol=1e-6)

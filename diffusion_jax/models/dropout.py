@@ -132,4 +132,6 @@ class Dropout(nn.Module):
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         if deterministic or self.rate == 0.0:
             return x
+        if self.rate == 1.0:  # as flax: no key drawn, so later layers' keys stay flax's
+            return jnp.zeros_like(x)
         return dropout(self.make_rng(self.rng_collection), self.rate, x)

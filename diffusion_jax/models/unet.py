@@ -48,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import flax.linen as nn
@@ -496,8 +497,24 @@ def _conv3x3(features: int, dtype, name: str, *, stride: int = 1, zero_init: boo
                    conv_general_dilated=_conv_function(weight_grad))
 
 
-def _dense(features: int, dtype, name: str, *, zero_init: bool = False) -> nn.Dense:
-    return nn.Dense(features, dtype=dtype, kernel_init=_zero_init if zero_init else _default_init, name=name)
+def _dense(features: int, dtype, name: str, *, zero_init: bool = False) -> Callable[[jax.Array], jax.Array]:
+    """``nn.Dense(features)`` over the last axis, applied to the input as an ``[N, C]`` matrix.
+
+    NHWC activations (the 1x1 shortcuts, the attention's projections) are
+    flattened to ``[B*H*W, C]`` first, so that the kernel's gradient is one
+    plain matmul contracting one axis. Differentiating the 4-D product
+    instead contracts three axes, and XLA:CPU compiled that with a transposed
+    copy of the output gradient, fused into (and so recomputed by) the
+    elementwise pass that produces it (BENCHMARKS.md, change 12). The
+    parameters (``name/kernel``, ``name/bias``) and values are those of
+    ``nn.Dense`` on the 4-D input; on other backends the reshapes are free.
+    """
+    layer = nn.Dense(features, dtype=dtype, kernel_init=_zero_init if zero_init else _default_init, name=name)
+
+    def apply(x: jax.Array) -> jax.Array:
+        return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], features)
+
+    return apply
 
 
 def _upsample_nearest_2x(x: jax.Array) -> jax.Array:
