@@ -74,9 +74,25 @@ def test_kept_fraction_is_binomial():
 def test_mask_is_fused_not_a_loop():
     # The reason for the module: JAX lowers its own Threefry to XLA:CPU as a
     # rolled loop over the whole mask; ours is one elementwise expression.
+    def compiled_text(f, *args):
+        return jax.jit(f).lower(*args).compile().as_text()
+
     x = jnp.ones((2, 8, 8, 4))
-    hlo = jax.jit(lambda k, x: dropout(k, 0.1, x)).lower(jax.random.key(0), x).compile().as_text()
-    assert "while" not in hlo
+    assert "while" not in compiled_text(lambda k, x: dropout(k, 0.1, x), jax.random.key(0), x)
+    # The check sees a loop where there is one.
+    assert "while" in compiled_text(lambda x: jax.lax.fori_loop(0, 5, lambda i, v: v * 1.5 + i, x), x)
+
+
+def test_64_bit_mode_falls_back_to_jax():
+    # With jax_enable_x64 JAX draws a float64 uniform for a Python-float p.
+    enable_x64 = jax.enable_x64 if hasattr(jax, "enable_x64") else jax.experimental.enable_x64
+
+    key = jax.random.key(3)
+    with enable_x64(True):
+        ours = bernoulli(key, 0.3, (32, 32))
+        theirs = jax.random.bernoulli(key, 0.3, (32, 32))
+    np.testing.assert_array_equal(ours, theirs)
+    assert not np.array_equal(ours, bernoulli(key, 0.3, (32, 32)))  # float32 draws differ
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -17,8 +17,9 @@ integer ops, and the same ``uniform < keep`` comparison as
 ``jax.random.bernoulli``. The mask is an elementwise function of the element
 index and the key, which XLA fuses into the select that applies it. For a
 given key the result is bit-for-bit ``flax.linen.Dropout``'s (tested); keys of
-another implementation, ``jax_threefry_partitionable=False`` and masks of
-``2**32`` elements or more take ``jax.random.bernoulli`` itself.
+another implementation, ``jax_threefry_partitionable=False``, 64-bit mode
+(``jax_enable_x64``, where JAX draws a float64 uniform) and masks of ``2**32``
+elements or more take ``jax.random.bernoulli`` itself.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from jax import lax
 
 # Threefry-2x32 rotation constants, alternating every four rounds (Salmon et al. 2011).
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
-_KEY_PARITY = np.uint32(0x1BD11BDA)  # the key schedule's parity constant (Threefish's C240, 32 bits)
+_KEY_PARITY = np.uint32(0x1BD11BDA)  # the 32-bit key schedule's parity constant (Random123's SKEIN_KS_PARITY32)
 _MANTISSA_BITS = 23  # float32
 
 
@@ -91,7 +92,8 @@ def bernoulli(key: jax.Array, p: float, shape: tuple[int, ...]) -> jax.Array:
     steps of ``2**-23``) and the result is ``u < float32(p)``, as JAX computes it.
     """
     key_data = _threefry_key_data(key)
-    if key_data is None or not jax.config.jax_threefry_partitionable or math.prod(shape) >= 2**32:
+    if (key_data is None or not jax.config.jax_threefry_partitionable or math.prod(shape) >= 2**32
+            or jnp.asarray(p).dtype != jnp.float32):  # 64-bit mode: JAX draws float64 uniforms
         return jax.random.bernoulli(key, p, shape)
     bits = random_bits(key_data, tuple(shape))
     one = np.array(1.0, np.float32).view(np.uint32)
@@ -117,12 +119,15 @@ def dropout(key: jax.Array, rate: float, x: jax.Array) -> jax.Array:
 
 
 class Dropout(nn.Module):
-    """:func:`dropout` as a Flax module, a drop-in for ``flax.linen.Dropout(rate)`` (no ``broadcast_dims``).
+    """:func:`dropout` as a Flax module, in place of ``flax.linen.Dropout(rate)``.
 
-    Draws its key with ``make_rng(rng_collection)``. Named ``Dropout`` so that
-    flax's automatic name (``Dropout_0``, ...), and with it the key, is that
-    of ``flax.linen.Dropout`` in the same place: swapping one for the other
-    leaves a model's masks unchanged.
+    Draws its key with ``make_rng(rng_collection)`` (none at rates 0 and 1,
+    as flax). Named ``Dropout`` so that flax's automatic name (``Dropout_0``,
+    ...), and with it the key, is that of ``flax.linen.Dropout`` in the same
+    place: swapping one for the other leaves a model's masks unchanged. Only
+    what the UNet uses: ``deterministic`` is a call argument (no attribute,
+    no ``rng=``, no ``broadcast_dims``), and a rate outside ``[0, 1]`` raises
+    instead of giving zeros.
     """
 
     rate: float

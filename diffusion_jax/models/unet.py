@@ -38,7 +38,9 @@ Each 2x upsampling and the 3x3 conv after it are one op on the small map
 large maps, on any backend; 6% of the 35.7M model's FLOPs. GroupNorm
 (:func:`group_norm`) is written with per-channel coefficients, both ways, so
 that every pass over the activations runs along the contiguous channels.
-Dropout (:mod:`diffusion_jax.models.dropout`) draws the masks of
+The 1x1 projections run on the pixels as a ``[B*H*W, C]`` matrix, so that
+their kernel gradients are plain matmuls (:func:`_dense`). Dropout
+(:mod:`diffusion_jax.models.dropout`) draws the masks of
 ``flax.linen.Dropout``, bit for bit, with the random bits written so that XLA
 fuses them into the pass that applies the mask.
 """
@@ -507,7 +509,9 @@ def _dense(features: int, dtype, name: str, *, zero_init: bool = False) -> Calla
     copy of the output gradient, fused into (and so recomputed by) the
     elementwise pass that produces it (BENCHMARKS.md, change 12). The
     parameters (``name/kernel``, ``name/bias``) and values are those of
-    ``nn.Dense`` on the 4-D input; on other backends the reshapes are free.
+    ``nn.Dense`` on the 4-D input. The reshapes merge contiguous leading
+    axes, which XLA does without a copy in its default layout (the effect
+    on a GPU is not measured).
     """
     layer = nn.Dense(features, dtype=dtype, kernel_init=_zero_init if zero_init else _default_init, name=name)
 
