@@ -86,7 +86,7 @@ def _threefry_key_data(key: jax.Array) -> jax.Array | None:
 
 
 def bernoulli(key: jax.Array, p: float, shape: tuple[int, ...]) -> jax.Array:
-    """``jax.random.bernoulli(key, p, shape)``, bit for bit, with the bits fusible where JAX's allow it.
+    """``jax.random.bernoulli(key, p, shape)``, bit for bit, its bits an elementwise expression XLA can fuse.
 
     ``u = bitcast_f32((bits >> 9) | bits(1.0)) - 1`` (uniform on ``[0, 1)`` in
     steps of ``2**-23``) and the result is ``u < float32(p)``, as JAX computes it.
