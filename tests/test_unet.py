@@ -6,17 +6,19 @@ architecture description, closed-form sinusoid values, and a NumPy reference of
 multi-head self-attention.
 """
 
+import dataclasses
 import functools
 import math
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from diffusion_jax.models import UNet, UNetConfig, timestep_embedding
-from diffusion_jax.models.unet import AttnBlock
+from diffusion_jax.models.unet import AttnBlock, _DenseParts, attention
 
 # A small config that still has two levels, attention at 8x8 and a skip stack.
 SMALL = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.1)
@@ -207,6 +209,82 @@ def test_attention_matches_numpy_reference(heads):
     attn = np.concatenate(heads_out, axis=-1)
     expected = x + (attn @ p["proj_out"]["kernel"] + p["proj_out"]["bias"]).reshape(x.shape)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("heads", [1, 4])
+def test_attention_equals_jax_dot_product_attention(heads, dtype):
+    # `attention` against JAX's own XLA implementation: values and the
+    # gradients with respect to q, k and v (queries and keys of different lengths).
+    b, t, s, d = 2, 12, 20, 16
+    kq, kk, kv, kg = jax.random.split(jax.random.key(7), 4)
+    q = jax.random.normal(kq, (b, t, heads, d)).astype(dtype)
+    k = jax.random.normal(kk, (b, s, heads, d)).astype(dtype)
+    v = jax.random.normal(kv, (b, s, heads, d)).astype(dtype)
+    cotangent = jax.random.normal(kg, (b, t, heads, d)).astype(dtype)
+    theirs_fn = functools.partial(jax.nn.dot_product_attention, implementation="xla")
+
+    def value_and_vjp(fn):
+        out, vjp = jax.vjp(fn, q, k, v)
+        return out, vjp(cotangent)
+
+    ours = jax.jit(lambda: value_and_vjp(attention))()
+    theirs = jax.jit(lambda: value_and_vjp(theirs_fn))()
+    assert ours[0].dtype == theirs[0].dtype == dtype
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for a, b_ in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+        assert np.abs(np.asarray(b_, np.float32)).max() > 1e-2
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b_, np.float32), rtol=tol, atol=tol)
+
+
+def test_attention_rejects_mismatched_shapes():
+    q = jnp.zeros((2, 8, 1, 16))
+    with pytest.raises(ValueError, match="attention"):
+        attention(q, jnp.zeros((2, 8, 1, 8)), jnp.zeros((2, 8, 1, 8)))
+    with pytest.raises(ValueError, match="attention"):
+        attention(q, jnp.zeros((2, 8, 1, 16)), jnp.zeros((2, 9, 1, 16)))
+    with pytest.raises(ValueError, match="attention"):
+        attention(q[:, :, 0], q[:, :, 0], q[:, :, 0])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_parts_is_nn_dense_in_parts(dtype):
+    # Same parameters as nn.Dense(sum of the parts) from the same key (names,
+    # shapes, initial values), and its output, split by columns.
+    x = jax.random.normal(jax.random.key(0), (10, 8))
+    parts = _DenseParts((3, 5, 4), dtype)
+    dense = nn.Dense(12, dtype=dtype, kernel_init=nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"))
+    params = parts.init(jax.random.key(1), x)["params"]
+    chex.assert_trees_all_equal(params, dense.init(jax.random.key(1), x)["params"])
+    params = dict(params, bias=jax.random.normal(jax.random.key(2), (12,)))
+    ours = parts.apply({"params": params}, x)
+    theirs = jnp.split(dense.apply({"params": params}, x), [3, 8], axis=-1)
+    assert [a.shape for a in ours] == [(10, 3), (10, 5), (10, 4)]
+    for a, b_ in zip(ours, theirs):
+        assert a.dtype == b_.dtype == dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b_, np.float32), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"\[N, C\]"):
+        parts.apply({"params": params}, x[None])
+
+
+@pytest.mark.parametrize("head_channels", [None, 16])  # one head; two heads of 16 at 32 channels
+def test_unet_with_our_attention_equals_jax_attention(head_channels):
+    # The whole network, attention_impl None (ours) against "xla" (JAX's):
+    # the loss and every parameter's gradient agree.
+    base = UNetConfig(**dict(SMALL, dropout=0.0, num_head_channels=head_channels))
+    params = _random_params(base)
+    x, t, _ = _inputs(jax.random.key(8))
+
+    def loss_and_grad(config):
+        def loss(p):
+            return jnp.mean(jnp.square(UNet(config).apply({"params": p}, x, t, train=True)))
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    ours = loss_and_grad(base)
+    reference = loss_and_grad(dataclasses.replace(base, attention_impl="xla"))
+    assert reference[0] > 1e-3
+    np.testing.assert_allclose(ours[0], reference[0], rtol=1e-5)
+    chex.assert_trees_all_close(ours[1], reference[1], rtol=1e-4, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- forward pass
@@ -510,7 +588,6 @@ def test_auto_leaves_the_weight_gradient_to_xla_with_eigen_convolutions(monkeypa
 # ----------------------------------------------------------------------------- upsample + conv
 # Nearest 2x upsampling followed by a 3x3 conv, computed on the low-resolution map.
 
-import flax.linen as nn  # noqa: E402
 
 from diffusion_jax.models.unet import (  # noqa: E402
     Upsample, UpsampleConv, _default_init, _zero_init, upsample_conv3x3, upsample_conv3x3_kernel)

@@ -39,7 +39,9 @@ large maps, on any backend; 6% of the 35.7M model's FLOPs. GroupNorm
 (:func:`group_norm`) is written with per-channel coefficients, both ways, so
 that every pass over the activations runs along the contiguous channels.
 The 1x1 projections run on the pixels as a ``[B*H*W, C]`` matrix, so that
-their kernel gradients are plain matmuls (:func:`_dense`). Dropout
+their kernel gradients are plain matmuls (:func:`_dense`); the attention's
+``q``, ``k``, ``v`` come from three matmuls, and the attention itself is two
+batched matmuls with the batch dimensions leading (:func:`attention`). Dropout
 (:mod:`diffusion_jax.models.dropout`) draws the masks of
 ``flax.linen.Dropout``, bit for bit, with the random bits written so that XLA
 fuses them into the pass that applies the mask.
@@ -49,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Callable
 from typing import Literal
@@ -105,9 +108,10 @@ class UNetConfig:
         of ``num_classes + 1`` entries; label ``num_classes`` is the null class
         (for classifier-free guidance, Ho & Salimans 2021).
       dtype: compute dtype, "float32" or "bfloat16". Parameters are always float32.
-      attention_impl: passed to ``jax.nn.dot_product_attention(implementation=...)``:
-        None (JAX's default choice), "xla", or "cudnn" (fused GPU kernel; needs
-        bfloat16 and a head width cuDNN supports).
+      attention_impl: None (the default: :func:`attention`, the XLA
+        computation written as two batched matmuls), or "xla" / "cudnn",
+        passed to ``jax.nn.dot_product_attention(implementation=...)``
+        ("cudnn": a fused GPU kernel; needs bfloat16 and a head width cuDNN supports).
       conv_weight_grad: how the gradient of the 3x3 convolution kernels is computed:
         "xla" (XLA's backward-filter convolution), "taps" (one matmul per kernel
         tap, :func:`conv_weight_grad_by_taps`), or "auto" (on the CPU backend
@@ -711,14 +715,81 @@ class ResBlock(nn.Module):
         return x + h
 
 
+class _DenseParts(nn.Module):
+    """``nn.Dense(sum(features))`` on ``[N, C]`` inputs, its output returned in parts, one matmul each.
+
+    The parameters (``kernel`` ``[C, sum(features)]``, ``bias``), their
+    initialisation and the dtype handling are ``nn.Dense``'s; part ``i`` is
+    ``x @ kernel[:, a:b] + bias[a:b]`` for its columns ``[a, b)``. Each part
+    is then a contiguous array: the attention's ``q``, ``k``, ``v`` split
+    from one ``[N, 3C]`` product would be strided slices, which XLA:CPU
+    copies out before the attention's matmuls (BENCHMARKS.md, change 13).
+    """
+
+    features: tuple[int, ...]
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
+        if x.ndim != 2:
+            raise ValueError(f"_DenseParts: x must be [N, C], got shape {x.shape}")
+        kernel = self.param("kernel", _default_init, (x.shape[-1], sum(self.features)), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (sum(self.features),), jnp.float32)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        bounds = itertools.pairwise(itertools.accumulate(self.features, initial=0))
+        return tuple(jnp.dot(x, kernel[:, lo:hi]) + bias[lo:hi] for lo, hi in bounds)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Softmax attention per head, ``softmax(q k^T / sqrt(d)) v`` (Vaswani et al. 2017, Eq. 1).
+
+    What ``jax.nn.dot_product_attention``'s XLA implementation computes (no
+    mask or bias): logits accumulated in float32 (bfloat16 inputs: bfloat16
+    products, float32 sums) and scaled by ``1 / sqrt(d)``, the softmax in
+    float32, the probabilities cast to ``v``'s dtype for the second product.
+    Written as two batched matmuls whose batch dimensions lead (``[B]`` for
+    one head, ``[B, N]`` for several), where JAX's einsums over
+    ``[B, T, N, D]`` with a vmap over head groups made XLA:CPU copy and
+    transpose ``q``, ``k``, ``v`` and the probabilities (BENCHMARKS.md, change 13).
+
+    Args:
+      q: ``[B, T, N, D]`` queries (``N`` heads of width ``D``).
+      k, v: ``[B, S, N, D]`` keys and values, the dtype of ``q``.
+
+    Returns:
+      ``[B, T, N, D]``, the dtype of ``v``.
+    """
+    if (q.ndim != 4 or k.ndim != 4 or k.shape != v.shape
+            or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]):
+        raise ValueError(f"attention: q [B, T, N, D] and k, v [B, S, N, D] expected, "
+                         f"got {q.shape}, {k.shape}, {v.shape}")
+    n, d = q.shape[2:]
+    precision = jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q.dtype == jnp.bfloat16 else None
+    if n == 1:  # [B, T, D]: no head axis for XLA to carry (or transpose) at all
+        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+        logits_dims = (((2,), (2,)), ((0,), (0,)))  # -> [B, T, S]
+        values_dims = (((2,), (1,)), ((0,), (0,)))  # [B, T, S] x [B, S, D] -> [B, T, D]
+    else:
+        logits_dims = (((3,), (3,)), ((0, 2), (0, 2)))  # -> [B, N, T, S]
+        values_dims = (((3,), (1,)), ((0, 1), (0, 2)))  # [B, N, T, S] x [B, S, N, D] -> [B, N, T, D]
+    logits = jax.lax.dot_general(q, k, logits_dims, precision=precision, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits * np.float32(1 / math.sqrt(d)), axis=-1).astype(v.dtype)
+    out = jax.lax.dot_general(probs, v, values_dims)
+    return out[:, :, None, :] if n == 1 else out.transpose(0, 2, 1, 3)
+
+
 class AttnBlock(nn.Module):
     """Self-attention over all pixels with a residual connection (Ho et al. 2020 App. B).
 
-    ``h = norm(x)``; ``q, k, v = h W_q, h W_k, h W_v`` (one fused 1x1 projection); per
-    head, ``softmax(q k^T / sqrt(d)) v`` over the ``H*W`` positions, with heads taking
-    contiguous ``d``-channel slices; the output is ``x + proj_out(attn)`` with
-    ``proj_out`` zero-initialised. Uses ``jax.nn.dot_product_attention`` so that a
-    fused kernel can be used where available; its softmax runs in float32.
+    ``h = norm(x)``; ``q, k, v = h W_q, h W_k, h W_v`` (the 1x1 projection
+    ``qkv``, one kernel ``[C, 3C]``, applied as three matmuls: :class:`_DenseParts`);
+    per head, ``softmax(q k^T / sqrt(d)) v`` over the ``H*W`` positions, with
+    heads taking contiguous ``d``-channel slices; the output is
+    ``x + proj_out(attn)`` with ``proj_out`` zero-initialised. The softmax
+    runs in float32. ``attention_impl=None`` computes the attention with
+    :func:`attention`; ``"xla"`` or ``"cudnn"`` with
+    ``jax.nn.dot_product_attention`` and that implementation (``"cudnn"``: a
+    fused GPU kernel).
     """
 
     num_heads: int = 1
@@ -731,10 +802,12 @@ class AttnBlock(nn.Module):
         if c % self.num_heads:
             raise ValueError(f"AttnBlock: num_heads={self.num_heads} does not divide {c} channels")
         h = _group_norm(self.dtype, "norm")(x)
-        qkv = _dense(3 * c, self.dtype, "qkv")(h)
         q, k, v = (a.reshape(b, height * width, self.num_heads, c // self.num_heads)
-                   for a in jnp.split(qkv, 3, axis=-1))
-        h = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+                   for a in _DenseParts((c, c, c), self.dtype, name="qkv")(h.reshape(-1, c)))
+        if self.attention_impl is None:
+            h = attention(q, k, v)
+        else:
+            h = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
         h = h.reshape(b, height, width, c)
         return x + _dense(c, self.dtype, "proj_out", zero_init=True)(h)
 
