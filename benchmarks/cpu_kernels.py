@@ -21,6 +21,13 @@ installed, in PyTorch (`nn.Conv2d`, oneDNN):
   small map (`*_fused`, `diffusion_jax.models.unet.upsample_conv3x3`), forward
   and forward + both gradients (`train_*`), as the written-out convolution's
   FLOPs over the time;
+* `attention ...` (XLA only): an attention layer's `q`, `k`, `v` projections
+  and its two products (after its GroupNorm, before `proj_out`), forward
+  (`*_fwd`) and forward + backward (`*_train`), as the UNet computes them
+  (`ours_*`: `_DenseParts`, three matmuls, then `attention`) and as it did
+  before change 13 (`jax_*`: one `[N, 3C]` matmul split into `q`, `k`, `v`,
+  then `jax.nn.dot_product_attention`, its XLA implementation), as their
+  FLOPs over the time;
 * `norm ...`: GroupNorm (32 groups) + SiLU on the UNet's norm inputs, forward
   (`*_fwd`) and forward + backward (`*_train`), ours
   (`diffusion_jax.models.unet.group_norm`, `gn_*`), `flax.linen.GroupNorm`
@@ -63,6 +70,13 @@ SHAPES = {
 UPSAMPLE_SHAPES = {
     "ddpm_cifar10": [(32, 16, 256, 256), (32, 8, 256, 256), (32, 4, 256, 256)],
     "tiny": [(64, 8, 64, 64)],
+}
+
+# (batch, size, channels, heads) of the attention layers.
+ATTENTION_SHAPES = {
+    # DDPM's one head at the training batch and at the DDIM-20 sampler's; 4 heads of 64 (ADM's width).
+    "ddpm_cifar10": [(32, 16, 256, 1), (16, 16, 256, 1), (32, 16, 256, 4)],
+    "tiny": [(64, 8, 64, 1)],
 }
 
 # (batch, size, channels) of GroupNorm + SiLU inputs: a block's first norm at
@@ -154,6 +168,7 @@ def xla_kernels(shapes_name: str, dtype: str, repeats: int, devices) -> dict[str
             k: gflops(flops, median_seconds(lambda f=f: jax.block_until_ready(f()), repeats))
             for k, f in calls.items()}
     out.update(upsample_kernels(UPSAMPLE_SHAPES[shapes_name], dt, repeats, devices))
+    out.update(attention_kernels(ATTENTION_SHAPES[shapes_name], dt, repeats, devices))
     a = jax.random.normal(jax.random.key(3), (4096, 4096), dt)
     rows, whole = put(a, devices), put(a, devices, replicated=True)
     matmul = data_parallel(jnp.dot, (False, True), devices)  # rows split over the devices
@@ -194,6 +209,57 @@ def upsample_kernels(shapes, dt, repeats: int, devices) -> dict[str, dict[str, f
                  "train_repeat": (train(repeat), (x, w, g)), "train_fused": (train(upsample_conv3x3), (x, w, g))}
         out[f"upsample {_name(b, s, ci, co)}"] = {
             k: gflops(flops * (3 if k.startswith("train") else 1),
+                      median_seconds(lambda f=f, a=a: jax.block_until_ready(f(*a)), repeats))
+            for k, (f, a) in calls.items()}
+    return out
+
+
+def attention_kernels(shapes, dt, repeats: int, devices) -> dict[str, dict[str, float]]:
+    """The projections to `q`, `k`, `v` and the attention products of one attention layer.
+
+    `ours`: the UNet's (`_DenseParts`, then `attention`); `jax`: one `nn.Dense`
+    of width 3C split three ways, then `jax.nn.dot_product_attention` (XLA).
+    GFLOP/s are `2 N C 3C` (projections) plus `2 x 2 B T^2 C` (the products)
+    over the time; `train` (forward + the gradients of the input, kernel and
+    bias) counts 3x that.
+    """
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from diffusion_jax.models.unet import _DenseParts, attention
+
+    def layer(ours: bool, heads: int):
+        def apply(x, kernel, bias):
+            b, s, _, c = x.shape
+            params = {"params": {"kernel": kernel, "bias": bias}}
+            flat = x.reshape(-1, c)
+            if ours:
+                qkv = _DenseParts((c, c, c), dt).apply(params, flat)
+            else:
+                qkv = jnp.split(nn.Dense(3 * c, dtype=dt).apply(params, flat), 3, axis=-1)
+            q, k, v = (a.reshape(b, s * s, heads, c // heads) for a in qkv)
+            if ours:
+                return attention(q, k, v)
+            return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+        return apply
+
+    out = {}
+    for b, s, c, heads in shapes:
+        x = put(jax.random.normal(jax.random.key(0), (b, s, s, c), dt), devices)
+        kernel = put(jax.random.normal(jax.random.key(1), (c, 3 * c)) / np.sqrt(c), devices, replicated=True)
+        bias = put(jnp.zeros((3 * c,)), devices, replicated=True)
+        g = put(jax.random.normal(jax.random.key(2), (b, s * s, heads, c // heads), dt), devices)
+        t = s * s
+        flops = 2 * b * t * c * 3 * c + 2 * 2 * b * t * t * c
+        calls = {}
+        for impl in ("ours", "jax"):
+            f = layer(impl == "ours", heads)
+            calls[f"{impl}_fwd"] = (data_parallel(f, (False, True, True), devices), (x, kernel, bias))
+            calls[f"{impl}_train"] = (data_parallel(lambda x, w, bb, g, f=f: jax.vjp(f, x, w, bb)[1](g),
+                                                    (False, True, True, False), devices), (x, kernel, bias, g))
+        out[f"attention b{b} {s}x{s} {c}, {heads} head{'s' if heads > 1 else ''}"] = {
+            k: gflops(flops * (3 if k.endswith("train") else 1),
                       median_seconds(lambda f=f, a=a: jax.block_until_ready(f(*a)), repeats))
             for k, (f, a) in calls.items()}
     return out
@@ -318,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
     shapes = SHAPES[args.shapes]
-    batches = [b for b, *_ in shapes + UPSAMPLE_SHAPES[args.shapes] + NORM_SHAPES[args.shapes]] + [4096]
+    batches = [b for b, *_ in shapes + UPSAMPLE_SHAPES[args.shapes] + ATTENTION_SHAPES[args.shapes]
+               + NORM_SHAPES[args.shapes]] + [4096]
     if args.cpu_devices is not None and any(b % args.cpu_devices for b in batches):
         p.error(f"--cpu-devices must divide every batch {sorted(set(batches))}, got {args.cpu_devices}")
     harness.configure_xla(cpu_devices=args.cpu_devices, extra_flags=args.xla_flags)

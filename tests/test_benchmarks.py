@@ -334,6 +334,7 @@ def test_cpu_kernels_times_every_kernel_of_every_shape(monkeypatch):
 
     monkeypatch.setitem(cpu_kernels.SHAPES, "tiny", [(2, 4, 8, 8), (1, 6, 4, 8)])
     monkeypatch.setitem(cpu_kernels.UPSAMPLE_SHAPES, "tiny", [(2, 3, 8, 4)])
+    monkeypatch.setitem(cpu_kernels.ATTENTION_SHAPES, "tiny", [(2, 2, 8, 1), (1, 2, 8, 2)])
     monkeypatch.setitem(cpu_kernels.NORM_SHAPES, "tiny", [(2, 4, 64), (1, 2, 32)])
     monkeypatch.setattr(cpu_kernels, "torch_kernels", lambda *a, **k: None)
     out = io.StringIO()
@@ -341,10 +342,12 @@ def test_cpu_kernels_times_every_kernel_of_every_shape(monkeypatch):
         assert cpu_kernels.main(["--shapes", "tiny", "--repeats", "1"]) == 0
     (rec,) = [json.loads(line) for line in out.getvalue().splitlines()]
     assert rec["impl"] == "xla" and rec["task"] == "kernels" and rec["dtype"] == "float32"
-    assert set(rec["gflops"]) == {"b2 4x4 8->8", "b1 6x6 4->8", "upsample b2 3x3 8->4", "dot_4096"}
+    assert set(rec["gflops"]) == {"b2 4x4 8->8", "b1 6x6 4->8", "upsample b2 3x3 8->4", "dot_4096",
+                                  "attention b2 2x2 8, 1 head", "attention b1 2x2 8, 2 heads"}
     for name, kernels in rec["gflops"].items():
         want = ({"dot"} if name == "dot_4096" else
                 {"fwd_repeat", "fwd_fused", "train_repeat", "train_fused"} if name.startswith("upsample") else
+                {"ours_fwd", "ours_train", "jax_fwd", "jax_train"} if name.startswith("attention") else
                 {"fwd", "dx", "dw", "dw_taps"})
         assert set(kernels) == want, name
         assert all(np.isfinite(v) and v > 0 for v in kernels.values()), (name, kernels)
@@ -357,7 +360,7 @@ def test_cpu_kernels_times_every_kernel_of_every_shape(monkeypatch):
     with redirect_stdout(out):
         assert cpu_kernels.main(["--shapes", "tiny", "--repeats", "1", "--dtype", "bfloat16"]) == 0
     (rec,) = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert rec["dtype"] == "bfloat16" and len(rec["gelem_per_s"]) == 2 and len(rec["gflops"]) == 4
+    assert rec["dtype"] == "bfloat16" and len(rec["gelem_per_s"]) == 2 and len(rec["gflops"]) == 6
     with pytest.raises(SystemExit):
         cpu_kernels.main(["--repeats", "0"])
 
@@ -370,13 +373,15 @@ def test_cpu_kernels_split_over_devices_as_training_does(monkeypatch):
 
     monkeypatch.setitem(cpu_kernels.SHAPES, "tiny", [(2, 4, 8, 8)])
     monkeypatch.setitem(cpu_kernels.UPSAMPLE_SHAPES, "tiny", [(2, 3, 8, 4)])
+    monkeypatch.setitem(cpu_kernels.ATTENTION_SHAPES, "tiny", [(2, 2, 8, 1)])
     monkeypatch.setitem(cpu_kernels.NORM_SHAPES, "tiny", [(2, 2, 32)])
     monkeypatch.setattr(cpu_kernels, "torch_kernels", lambda *a, **k: None)
     out = io.StringIO()
     with redirect_stdout(out):
         assert cpu_kernels.main(["--shapes", "tiny", "--repeats", "1", "--cpu-devices", "2"]) == 0
     (rec,) = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert rec["num_devices"] == 2 and set(rec["gflops"]) == {"b2 4x4 8->8", "upsample b2 3x3 8->4", "dot_4096"}
+    assert rec["num_devices"] == 2 and set(rec["gflops"]) == {"b2 4x4 8->8", "upsample b2 3x3 8->4", "dot_4096",
+                                                              "attention b2 2x2 8, 1 head"}
     assert set(rec["gelem_per_s"]) == {"norm b2 2x2 32->32"}
     # A batch the devices do not divide is refused before anything is timed.
     monkeypatch.setitem(cpu_kernels.SHAPES, "tiny", [(3, 4, 8, 8)])

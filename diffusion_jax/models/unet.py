@@ -747,10 +747,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     mask or bias): logits accumulated in float32 (bfloat16 inputs: bfloat16
     products, float32 sums) and scaled by ``1 / sqrt(d)``, the softmax in
     float32, the probabilities cast to ``v``'s dtype for the second product.
-    Written as two batched matmuls whose batch dimensions lead (``[B]`` for
-    one head, ``[B, N]`` for several), where JAX's einsums over
-    ``[B, T, N, D]`` with a vmap over head groups made XLA:CPU copy and
-    transpose ``q``, ``k``, ``v`` and the probabilities (BENCHMARKS.md, change 13).
+    Written as two batched matmuls over the batch and head dimensions
+    (``dot_general``), where JAX's einsums over ``[B, T, N, D]`` with a vmap
+    over head groups made XLA:CPU copy and transpose the probabilities
+    (BENCHMARKS.md, change 13). A single head is not squeezed to
+    ``[B, T, D]``: that form let XLA:CPU hand the projections, both products
+    and the softmax to YNNPACK as one fusion: faster at 8 examples per
+    device, slower than JAX's form at 16.
 
     Args:
       q: ``[B, T, N, D]`` queries (``N`` heads of width ``D``).
@@ -763,19 +766,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
             or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]):
         raise ValueError(f"attention: q [B, T, N, D] and k, v [B, S, N, D] expected, "
                          f"got {q.shape}, {k.shape}, {v.shape}")
-    n, d = q.shape[2:]
     precision = jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q.dtype == jnp.bfloat16 else None
-    if n == 1:  # [B, T, D]: no head axis for XLA to carry (or transpose) at all
-        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
-        logits_dims = (((2,), (2,)), ((0,), (0,)))  # -> [B, T, S]
-        values_dims = (((2,), (1,)), ((0,), (0,)))  # [B, T, S] x [B, S, D] -> [B, T, D]
-    else:
-        logits_dims = (((3,), (3,)), ((0, 2), (0, 2)))  # -> [B, N, T, S]
-        values_dims = (((3,), (1,)), ((0, 1), (0, 2)))  # [B, N, T, S] x [B, S, N, D] -> [B, N, T, D]
-    logits = jax.lax.dot_general(q, k, logits_dims, precision=precision, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(logits * np.float32(1 / math.sqrt(d)), axis=-1).astype(v.dtype)
-    out = jax.lax.dot_general(probs, v, values_dims)
-    return out[:, :, None, :] if n == 1 else out.transpose(0, 2, 1, 3)
+    logits = jax.lax.dot_general(q, k, (((3,), (3,)), ((0, 2), (0, 2))),  # -> [B, N, T, S]
+                                 precision=precision, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits * np.float32(1 / math.sqrt(q.shape[3])), axis=-1).astype(v.dtype)
+    out = jax.lax.dot_general(probs, v, (((3,), (1,)), ((0, 1), (0, 2))))  # [B, N, T, S] x [B, S, N, D]
+    return out.transpose(0, 2, 1, 3)  # [B, N, T, D] -> [B, T, N, D]
 
 
 class AttnBlock(nn.Module):
