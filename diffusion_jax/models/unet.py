@@ -41,7 +41,7 @@ that every pass over the activations runs along the contiguous channels.
 The 1x1 projections run on the pixels as a ``[B*H*W, C]`` matrix, so that
 their kernel gradients are plain matmuls (:func:`_dense`); the attention's
 ``q``, ``k``, ``v`` come from three matmuls, and the attention itself is two
-batched matmuls with the batch dimensions leading (:func:`attention`). Dropout
+matmuls batched over examples and heads (:func:`attention`). Dropout
 (:mod:`diffusion_jax.models.dropout`) draws the masks of
 ``flax.linen.Dropout``, bit for bit, with the random bits written so that XLA
 fuses them into the pass that applies the mask.
