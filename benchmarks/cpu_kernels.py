@@ -49,6 +49,7 @@ of the other scripts, so `compare.py` does not read it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -229,19 +230,20 @@ def attention_kernels(shapes, dt, repeats: int, devices) -> dict[str, dict[str, 
 
     from diffusion_jax.models.unet import _DenseParts, attention
 
-    def layer(ours: bool, heads: int):
+    def ours(x, params):
+        c = x.shape[-1]
+        return _DenseParts((c, c, c), dt).apply(params, x.reshape(-1, c)), attention
+
+    def jax_form(x, params):
+        c = x.shape[-1]
+        qkv = nn.Dense(3 * c, dtype=dt).apply(params, x.reshape(-1, c))
+        return jnp.split(qkv, 3, axis=-1), functools.partial(jax.nn.dot_product_attention, implementation="xla")
+
+    def layer(form, heads: int):
         def apply(x, kernel, bias):
             b, s, _, c = x.shape
-            params = {"params": {"kernel": kernel, "bias": bias}}
-            flat = x.reshape(-1, c)
-            if ours:
-                qkv = _DenseParts((c, c, c), dt).apply(params, flat)
-            else:
-                qkv = jnp.split(nn.Dense(3 * c, dtype=dt).apply(params, flat), 3, axis=-1)
-            q, k, v = (a.reshape(b, s * s, heads, c // heads) for a in qkv)
-            if ours:
-                return attention(q, k, v)
-            return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+            qkv, attend = form(x, {"params": {"kernel": kernel, "bias": bias}})
+            return attend(*(a.reshape(b, s * s, heads, c // heads) for a in qkv))
         return apply
 
     out = {}
@@ -253,8 +255,8 @@ def attention_kernels(shapes, dt, repeats: int, devices) -> dict[str, dict[str, 
         t = s * s
         flops = 2 * b * t * c * 3 * c + 2 * 2 * b * t * t * c
         calls = {}
-        for impl in ("ours", "jax"):
-            f = layer(impl == "ours", heads)
+        for impl, form in (("ours", ours), ("jax", jax_form)):
+            f = layer(form, heads)
             calls[f"{impl}_fwd"] = (data_parallel(f, (False, True, True), devices), (x, kernel, bias))
             calls[f"{impl}_train"] = (data_parallel(lambda x, w, bb, g, f=f: jax.vjp(f, x, w, bb)[1](g),
                                                     (False, True, True, False), devices), (x, kernel, bias, g))

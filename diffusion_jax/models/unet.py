@@ -719,7 +719,8 @@ class _DenseParts(nn.Module):
     """``nn.Dense(sum(features))`` on ``[N, C]`` inputs, its output returned in parts, one matmul each.
 
     The parameters (``kernel`` ``[C, sum(features)]``, ``bias``), their
-    initialisation and the dtype handling are ``nn.Dense``'s; part ``i`` is
+    initialisation and the dtype handling are those of
+    ``nn.Dense(sum(features), kernel_init=_default_init)``; part ``i`` is
     ``x @ kernel[:, a:b] + bias[a:b]`` for its columns ``[a, b)``. Each part
     is then a contiguous array: the attention's ``q``, ``k``, ``v`` split
     from one ``[N, 3C]`` product would be strided slices, which XLA:CPU
