@@ -26,17 +26,27 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repo root: d
 
 import _report  # noqa: E402
 
-# Dense peak FLOP/s from NVIDIA's H100/H200 datasheets (SXM, without sparsity):
-# bf16 on tensor cores, fp32 on the CUDA cores. The H200 has the H100's
-# compute and more, faster memory. (device_kind substring, dtype) -> FLOP/s.
+# Dense peak FLOP/s from NVIDIA's H100/H200 datasheets (SXM unless named; half
+# the "with sparsity" figures), by the arithmetic that runs: bf16 and TF32 on
+# the tensor cores, fp32 on the CUDA cores. The H200 has the H100's compute and
+# more, faster memory. (device_kind substring, arithmetic) -> FLOP/s.
 GPU_PEAK_FLOPS = {
     ("H100 PCIe", "bfloat16"): 756e12,
+    ("H100 PCIe", "tf32"): 378e12,
     ("H100 PCIe", "float32"): 51e12,
     ("H100", "bfloat16"): 989e12,
+    ("H100", "tf32"): 495e12,
     ("H100", "float32"): 67e12,
     ("H200", "bfloat16"): 989e12,
+    ("H200", "tf32"): 495e12,
     ("H200", "float32"): 67e12,
 }
+# Values of `jax_default_matmul_precision` that keep float32 convolutions and
+# matmuls in float32 on a GPU; any other (None, the default, included) lets XLA
+# run them as TF32 on the tensor cores of Ampere and later GPUs (JAX's "Matmul
+# precision" page: by default "float32 dot products may be computed with
+# reduced-precision arithmetic internally ... TF32 on recent GPUs").
+FULL_FLOAT32_PRECISIONS = ("highest", "float32", "F32_F32_F32")
 # CPU: FLOPs per cycle per core of the widest FMA the CPU has, taking two FMA
 # ports (Intel Xeon Scalable, AMD Zen 4+): AVX-512 = 2 ports x 16 fp32 lanes x
 # 2 (multiply + add); AVX2 = 2 x 8 x 2. bfloat16 gets the same fp32 vector
@@ -160,9 +170,13 @@ def cpu_ghz() -> float | None:
 def peak_flops_per_s(device, dtype: str) -> tuple[float | None, str]:
     """The peak FLOP/s an MFU is taken against, and a sentence saying which peak.
 
-    GPU: the datasheet figure for `dtype` (`GPU_PEAK_FLOPS`). CPU: an
-    estimate, cores x nominal GHz x fp32 FLOPs/cycle of the widest FMA
-    (`CPU_FP32_FLOPS_PER_CYCLE`), for either dtype. None where unknown.
+    GPU: the datasheet figure for the arithmetic `dtype` runs on
+    (`GPU_PEAK_FLOPS`): bfloat16 on the tensor cores; float32 as TF32 on the
+    tensor cores at JAX's default matmul precision, on the CUDA cores where
+    `jax_default_matmul_precision` asks for full float32
+    (`FULL_FLOAT32_PRECISIONS`). CPU: an estimate, cores x nominal GHz x fp32
+    FLOPs/cycle of the widest FMA (`CPU_FP32_FLOPS_PER_CYCLE`), for either
+    dtype. None where unknown.
     """
     if device.platform == "cpu":
         flags = cpu_flags()
@@ -174,10 +188,18 @@ def peak_flops_per_s(device, dtype: str) -> tuple[float | None, str]:
         isa = next(k for k in CPU_FP32_FLOPS_PER_CYCLE if k in flags)
         return (cores * ghz * 1e9 * per_cycle,
                 f"cpu estimate: {cores} cores x {ghz:.2f} GHz x {per_cycle} fp32 FLOP/cycle ({isa}, 2 FMA ports)")
+    import jax
+
     kind = device.device_kind
+    arithmetic, why = dtype, ""
+    if dtype == "float32":
+        precision = jax.config.jax_default_matmul_precision
+        if precision not in FULL_FLOAT32_PRECISIONS:
+            arithmetic = "tf32"
+            why = f" (float32 at matmul precision {precision or 'default'} runs as TF32)"
     for (name, dt), value in GPU_PEAK_FLOPS.items():  # "H100 PCIe" is listed before "H100"
-        if name in kind and dt == dtype:
-            return value, f"{name} datasheet dense {dt}: {value / 1e12:.0f} TFLOP/s"
+        if name in kind and dt == arithmetic:
+            return value, f"{name} datasheet dense {dt}: {value / 1e12:.0f} TFLOP/s{why}"
     return None, f"no peak known for {kind!r} {dtype}"
 
 

@@ -223,6 +223,43 @@ def _param_shapes(w):
                           jax.random.key(0), x, t)["params"]
 
 
+class _Gpu:
+    platform = "gpu"
+
+    def __init__(self, device_kind):
+        self.device_kind = device_kind
+
+
+# NVIDIA's datasheets list tensor-core figures "with sparsity": the dense peak is half.
+@pytest.mark.parametrize("kind, dtype, precision, tflops, says", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", None, 1979 / 2, "bfloat16"),
+    # float32 at JAX's default precision runs as TF32 on the tensor cores (989 with sparsity) ...
+    ("NVIDIA H100 80GB HBM3", "float32", None, 989 / 2, "tf32"),
+    ("NVIDIA H100 80GB HBM3", "float32", "tensorfloat32", 989 / 2, "tf32"),
+    # ... and on the CUDA cores when full float32 is asked for.
+    ("NVIDIA H100 80GB HBM3", "float32", "highest", 67, "float32"),
+    ("NVIDIA H100 80GB HBM3", "float32", "F32_F32_F32", 67, "float32"),
+    ("NVIDIA H100 PCIe", "bfloat16", None, 1513 / 2, "bfloat16"),
+    ("NVIDIA H100 PCIe", "float32", None, 756 / 2, "tf32"),
+    ("NVIDIA H100 PCIe", "float32", "float32", 51, "float32"),
+    ("NVIDIA H200", "bfloat16", None, 1979 / 2, "bfloat16"),
+    ("NVIDIA H200", "float32", None, 989 / 2, "tf32"),
+])
+def test_gpu_peak_is_the_datasheet_figure_of_the_arithmetic_that_runs(kind, dtype, precision, tflops, says):
+    import _jax_harness as harness
+
+    with jax.default_matmul_precision(precision):
+        peak, source = harness.peak_flops_per_s(_Gpu(kind), dtype)
+    assert peak == pytest.approx(tflops * 1e12, rel=2e-3)
+    assert f"dense {says}:" in source
+
+
+def test_gpu_peak_of_an_unknown_gpu_is_unknown():
+    import _jax_harness as harness
+
+    assert harness.peak_flops_per_s(_Gpu("NVIDIA A100-SXM4-80GB"), "bfloat16")[0] is None
+
+
 def test_ddpm_cifar10_workload_is_the_35_7m_model():
     w = workloads.get_workload("ddpm_cifar10")
     assert sum(x.size for x in jax.tree.leaves(_param_shapes(w))) == 35_746_307  # Ho et al. 2020, App. B
