@@ -90,15 +90,13 @@ def build_step(workload: workloads.Workload, dtype: str, steps_per_dispatch: int
       runs ``steps_per_dispatch`` training steps; with K > 1 the batch leaves
       have a leading axis of K.
     """
-    import jax
-    from jax import lax
     from jax.sharding import PartitionSpec as P
 
     import diffusion_jax as dj
     from diffusion_jax import parallel
     from diffusion_jax.models import UNet
     from diffusion_jax.training.state import OptimConfig, make_optimizer
-    from diffusion_jax.training.step import LossConfig, make_train_step
+    from diffusion_jax.training.step import LossConfig, make_multi_step, make_train_step
 
     unet_config = workload.unet_config(dtype, attention_impl)
     if conv_weight_grad is not None:
@@ -109,16 +107,12 @@ def build_step(workload: workloads.Workload, dtype: str, steps_per_dispatch: int
     tx, lr_schedule = make_optimizer(OptimConfig(learning_rate=workloads.LEARNING_RATE))
     step = make_train_step(model, schedule, tx, lr_schedule, ema_decay=EMA_DECAY, loss_config=LossConfig())
 
-    if steps_per_dispatch == 1:
-        per_device, batch_spec = step, P(parallel.DATA_AXIS)
-    else:
-        def per_device(state, batches, key):
-            # K steps in one call: the state is the scan carry, the K batches its xs.
-            state, metrics = lax.scan(lambda s, b: step(s, b, key), state, batches)
-            return state, jax.tree.map(lambda m: m[-1], metrics)
-
-        batch_spec = P(None, parallel.DATA_AXIS)
-    call = parallel.data_parallel(per_device, mesh, in_specs=(P(), batch_spec, P()),
+    # K steps in one call as train.py runs them (config.steps_per_dispatch): a scan
+    # whose carry is the state; its metrics come back per step.
+    stacked = steps_per_dispatch > 1
+    per_device = make_multi_step(step, steps_per_dispatch) if stacked else step
+    call = parallel.data_parallel(per_device, mesh,
+                                  in_specs=(P(), parallel.batch_sharding(mesh, stacked=stacked).spec, P()),
                                   out_specs=(P(), P()), donate_argnums=(0,))
     return call, tx
 
@@ -139,7 +133,6 @@ def synthetic_batch(workload: workloads.Workload, batch: int, steps_per_dispatch
     """Images uniform in [-1, 1] and zero labels, split over the mesh's data axis."""
     import jax
     import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
     from diffusion_jax import parallel
 
@@ -147,8 +140,7 @@ def synthetic_batch(workload: workloads.Workload, batch: int, steps_per_dispatch
     rng = np.random.default_rng(seed)
     host = {"image": rng.uniform(-1, 1, lead + (batch, *workload.image_shape)).astype(np.float32),
             "label": np.zeros(lead + (batch,), np.int32)}
-    spec = P(parallel.DATA_AXIS) if not lead else P(None, parallel.DATA_AXIS)
-    return jax.device_put(host, NamedSharding(mesh, spec))
+    return jax.device_put(host, parallel.batch_sharding(mesh, stacked=bool(lead)))
 
 
 def model_flops_per_image(workload, dtype, attention_impl, mesh, state, batch: int, key) -> float | None:
@@ -179,6 +171,7 @@ def measure(args: argparse.Namespace, workload: workloads.Workload, batch: int, 
             mesh) -> dict[str, Any]:
     """One measurement of the sweep; returns its JSON record."""
     import jax
+    import numpy as np
 
     from diffusion_jax import parallel
 
@@ -200,8 +193,9 @@ def measure(args: argparse.Namespace, workload: workloads.Workload, batch: int, 
     for _ in range(args.warmup):
         state, metrics = compiled(state, data, key)
     jax.block_until_ready(state)
-    if not math.isfinite(float(metrics["loss"])):
-        raise FloatingPointError(f"the training loss is not finite after warm-up: {metrics}")
+    losses = jax.device_get(metrics["loss"])  # one per step of the call
+    if not all(math.isfinite(x) for x in np.atleast_1d(losses)):
+        raise FloatingPointError(f"the training loss is not finite after warm-up: {losses}")
 
     seconds_per_step = []
     share = harness.CpuShare()

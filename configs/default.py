@@ -48,6 +48,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.distributed = "auto"
     # Compute dtype of the UNet: "float32" or "bfloat16" (params stay float32).
     config.compute_dtype = "float32"
+    # Training steps per call to the devices (one lax.scan over that many
+    # batches): fewer dispatches from the host where a step is short (small
+    # models, fast accelerators); the same updates as one step per call.
+    # log_every_steps, checkpoint_every_steps and eval_every_steps must be
+    # multiples of it; SIGTERM/SIGINT stop after the call in flight.
+    config.steps_per_dispatch = 1
 
     # --- Data (diffusion_jax.input_pipeline.DataConfig) --------------------------
     config.data = ml_collections.ConfigDict()

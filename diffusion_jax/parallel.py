@@ -176,9 +176,10 @@ def replicated_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding that splits the leading (batch) axis over ``"data"``."""
-    return NamedSharding(mesh, P(DATA_AXIS))
+def batch_sharding(mesh: Mesh, *, stacked: bool = False) -> NamedSharding:
+    """Sharding that splits the batch axis over ``"data"``: the leading axis, or with
+    ``stacked`` the second (behind a leading axis of steps, kept whole)."""
+    return NamedSharding(mesh, P(None, DATA_AXIS) if stacked else P(DATA_AXIS))
 
 
 def _shard_map(fn: Callable, mesh: Mesh, in_specs, out_specs) -> Callable:
@@ -244,14 +245,16 @@ def vary_over_data(tree: Any) -> Any:
     return tree
 
 
-def shard_batch(batch: Any, mesh: Mesh) -> Any:
+def shard_batch(batch: Any, mesh: Mesh, *, stacked: bool = False) -> Any:
     """Builds global arrays, split over ``"data"``, from this process's batch.
 
     Each process passes its own block of the global batch (leading axis
     ``global_batch // process_count``); the result has the global batch as
-    its leading axis. Works the same with one process.
+    its leading axis. With ``stacked``, every leaf is several steps' batches,
+    ``[steps, global_batch // process_count, ...]``, and the batch axis is the
+    second. Works the same with one process.
     """
-    sharding = batch_sharding(mesh)
+    sharding = batch_sharding(mesh, stacked=stacked)
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
         batch)

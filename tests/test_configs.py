@@ -95,6 +95,28 @@ def test_batch_must_divide_over_devices_and_processes():
     _bad(mutate, r"config\.batch_size.*12.*5 processes", device_count=1, process_count=5)
 
 
+@pytest.mark.parametrize("field", ["log_every_steps", "checkpoint_every_steps", "eval_every_steps"])
+def test_intervals_must_be_whole_calls_of_steps_per_dispatch(field):
+    def mutate(c):
+        c.log_every_steps, c.checkpoint_every_steps, c.eval_every_steps = 100, 5000, 20000
+        c.steps_per_dispatch = 4
+        c[field] = 10  # not a multiple of 4; the other two are
+    _bad(mutate, rf"config\.{field}.*10 is not a multiple of steps_per_dispatch=4")
+
+
+def test_steps_per_dispatch_is_a_positive_int():
+    def mutate(c):
+        c.steps_per_dispatch = 0
+    _bad(mutate, r"config\.steps_per_dispatch.*>= 1")
+
+    def divides(c):
+        c.steps_per_dispatch = 4  # divides 100, 5000 and 20000, and eval 0 (never)
+        c.eval_every_steps = 0
+    config = _load("cifar10")
+    divides(config)
+    trainer.validate_config(config, device_count=8)
+
+
 def test_zero_timesteps():
     def mutate(c):
         c.diffusion.num_timesteps = 0

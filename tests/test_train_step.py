@@ -14,7 +14,7 @@ import diffusion_jax as dj
 from diffusion_jax import parallel
 from diffusion_jax.models import UNet, UNetConfig
 from diffusion_jax.training.state import OptimConfig, create_train_state, ema_update, make_optimizer
-from diffusion_jax.training.step import LossConfig, make_train_step
+from diffusion_jax.training.step import LossConfig, make_multi_step, make_train_step
 
 T = 100
 GLOBAL_BATCH = 16
@@ -131,6 +131,44 @@ def test_nonfinite_batch_skips_the_update_and_is_counted(setup, eight_device_mes
     # Skipped steps do not advance the schedule: this is the 2nd applied update,
     # made with the warmup's lr(1) = PEAK_LR * 1 / WARMUP.
     np.testing.assert_allclose(metrics["lr"], PEAK_LR * 1 / WARMUP, rtol=1e-6)
+
+
+def test_several_steps_per_call_are_the_single_steps(setup, eight_device_mesh, step_on_eight):
+    """Four steps in one scanned call (a NaN batch among them, skipped inside the
+    scan) give the state and the per-step metrics of four calls of one step."""
+    step_fn, state = setup
+    mesh = eight_device_mesh
+    batches = [_batch(0), _batch(1, nan_example=3), _batch(2), _batch(3)]
+    single, single_metrics = _run(step_on_eight, state, mesh, batches)
+
+    four = parallel.data_parallel(make_multi_step(step_fn, 4), mesh, in_specs=(P(), P(None, "data"), P()),
+                                  out_specs=(P(), P()))
+    stacked = jax.tree.map(lambda *xs: np.stack(xs), *batches)
+    multi, multi_metrics = four(parallel.replicate(state, mesh),
+                                parallel.shard_batch(stacked, mesh, stacked=True), jax.random.PRNGKey(42))
+    multi, multi_metrics = jax.device_get((multi, multi_metrics))
+
+    assert int(multi.step) == 4 and int(multi.nonfinite_count) == int(single.nonfinite_count) == 1
+    for name in ("params", "ema_params", "opt_state", "loss_history"):
+        jax.tree.map(lambda a, b, name=name: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name),
+                     getattr(single, name), getattr(multi, name))
+    for key in ("loss", "grad_norm", "lr", "nonfinite", "consecutive_nonfinite"):
+        assert multi_metrics[key].shape == (4,), key
+        np.testing.assert_allclose(multi_metrics[key], [m[key] for m in single_metrics], rtol=1e-5, err_msg=key)
+    assert list(multi_metrics["nonfinite"]) == [0.0, 1.0, 0.0, 0.0]
+
+
+def test_multi_step_rejects_a_bad_count_and_mismatched_batches(setup, eight_device_mesh):
+    step_fn, state = setup
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="num_steps"):
+            make_multi_step(step_fn, bad)
+    three = parallel.data_parallel(make_multi_step(step_fn, 3), eight_device_mesh,
+                                   in_specs=(P(), P(None, "data"), P()), out_specs=(P(), P()))
+    two_batches = jax.tree.map(lambda *xs: np.stack(xs), _batch(0), _batch(1))
+    with pytest.raises(ValueError, match="leading axis of 3"):
+        three(parallel.replicate(state, eight_device_mesh),
+              parallel.shard_batch(two_batches, eight_device_mesh, stacked=True), jax.random.PRNGKey(0))
 
 
 def test_ema_follows_the_closed_form(setup, eight_device_mesh, step_on_eight):

@@ -159,6 +159,52 @@ def test_sigterm_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one(di
                      getattr(straight, name), getattr(resumed, name))
 
 
+def test_several_steps_per_call_resume_between_calls_and_match_one_step_per_call(digits_run, tmp_path):
+    """steps_per_dispatch=5: a run to step 33 (calls of 5 to 30, then 3 single
+    steps) resumed to 60 (single steps to 35, then calls of 5) logs and
+    checkpoints at the steps of the one-step run, logs its losses, and ends at
+    its network, to float32 rounding (a scanned step compiles apart from a
+    single one).
+
+    The network, not every parameter: in this tiny UNet a bias feeding a
+    GroupNorm of one channel per group (ch=32, 32 groups) has an exactly zero
+    gradient, so Adam turns float32 rounding in that gradient into steps of
+    the full learning rate, different in two compilations; such parameters
+    do not change what the network computes."""
+    config, _, straight = digits_run
+    config = config.copy_and_resolve_references()
+    config.steps_per_dispatch = 5
+    config.eval_every_steps = 0  # evaluation and sampling do not change the state
+    config.eval.nll_at_end = False
+    config.sample.num_images = 0
+    workdir = str(tmp_path)
+
+    config.num_train_steps = 33
+    assert int(trainer.train_and_evaluate(config, workdir).step) == 33
+    config.num_train_steps = 60
+    resumed = trainer.train_and_evaluate(config, workdir)
+    assert int(resumed.step) == 60 and int(resumed.nonfinite_count) == 0
+
+    scalars = _read_scalars(os.path.join(workdir, trainer.TENSORBOARD_SUBDIR))
+    assert sorted(s for s, _ in scalars["train/loss"]) == [10, 20, 30, 33, 40, 50, 60]
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+    assert ckpt.all_steps() == [30, 33, 60]
+    ckpt.close()
+    straight_losses = dict(_read_scalars(os.path.join(digits_run[1], trainer.TENSORBOARD_SUBDIR))["train/loss"])
+    losses = dict(scalars["train/loss"])
+    for step in (10, 20, 30, 50, 60):  # 40 averages other steps here (34-40: the run resumed at 33)
+        assert losses[step] == pytest.approx(straight_losses[step], rel=1e-4), step
+
+    model = trainer._Job(config, (8, 8, 1)).model
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 8, 8, 1)).astype(np.float32)
+    t = rng.integers(0, config.diffusion.num_timesteps, 16)
+    for name in ("params", "ema_params"):
+        want = model.apply({"params": getattr(straight, name)}, x, t, train=False)
+        got = model.apply({"params": getattr(resumed, name)}, x, t, train=False)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-4, err_msg=name)
+
+
 def test_evaluate_without_a_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="No checkpoint"):
         trainer.evaluate(_tiny_digits_config(10), str(tmp_path))

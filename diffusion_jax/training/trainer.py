@@ -51,7 +51,7 @@ from diffusion_jax import parallel
 from diffusion_jax.losses import LOSSES
 from diffusion_jax.models import UNet, UNetConfig
 from diffusion_jax.training.state import DECAYS, OptimConfig, TrainState, create_train_state, make_optimizer
-from diffusion_jax.training.step import TIMESTEP_SAMPLERS, LossConfig, make_train_step
+from diffusion_jax.training.step import TIMESTEP_SAMPLERS, LossConfig, make_multi_step, make_train_step
 
 logger = logging.getLogger(__name__)
 
@@ -167,8 +167,13 @@ def validate_config(
     # Top-level fields.
     for field, minimum in (("num_train_steps", 1), ("batch_size", 1), ("seed", 0),
                            ("log_every_steps", 1), ("checkpoint_every_steps", 1),
-                           ("eval_every_steps", 0), ("max_consecutive_nonfinite", 1)):
+                           ("eval_every_steps", 0), ("max_consecutive_nonfinite", 1),
+                           ("steps_per_dispatch", 1)):
         _check_int(config, field, minimum=minimum)
+    for field in ("log_every_steps", "checkpoint_every_steps", "eval_every_steps"):
+        if _get(config, field) % config.steps_per_dispatch:
+            _fail(field, f"{_get(config, field)} is not a multiple of steps_per_dispatch="
+                  f"{config.steps_per_dispatch}: logs, checkpoints and evaluations happen between calls")
     for count, what in ((device_count, "devices"), (process_count, "processes")):
         if config.batch_size % count:
             _fail("batch_size", f"{config.batch_size} is not divisible by the {count} {what} of this job")
@@ -419,9 +424,11 @@ class _Job:
 def _summarize(metrics: list[dict[str, jax.Array]]) -> dict[str, float]:
     """Means over the steps since the last log, skipped (non-finite) steps left out.
 
-    The one host sync of the training loop (at log steps only).
+    Each entry of ``metrics`` holds one step's scalars, or several steps' (one
+    call of K steps: arrays of K). The one host sync of the training loop (at
+    log steps only).
     """
-    stacked = {k: np.stack([np.asarray(m[k]) for m in metrics]) for k in metrics[0]}
+    stacked = {k: np.concatenate([np.atleast_1d(np.asarray(m[k])) for m in metrics]) for k in metrics[0]}
     good = stacked["nonfinite"] == 0
     summary = {}
     for name, values in stacked.items():
@@ -437,7 +444,7 @@ def _summarize(metrics: list[dict[str, jax.Array]]) -> dict[str, float]:
 
 
 class _StopSignals:
-    """SIGTERM/SIGINT ask the loop to stop after the step in flight.
+    """SIGTERM/SIGINT ask the loop to stop after the call (one or `steps_per_dispatch` steps) in flight.
 
     A second SIGINT stops at once (KeyboardInterrupt). In a multi-process job
     no handler is installed: a flag set in one process would make it leave
@@ -533,7 +540,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     ``eval.nll_at_end``, ``nll.json``.
 
     Stops cleanly (checkpoint, return) on SIGTERM/SIGINT after the step in
-    flight. Raises FloatingPointError when ``max_consecutive_nonfinite``
+    flight (the call of ``steps_per_dispatch`` steps in flight). Raises FloatingPointError when ``max_consecutive_nonfinite``
     updates in a row were skipped; that is checked at log steps, where the
     metrics come to the host anyway, so the loop never waits on the device
     for it; the last checkpoint is kept as it was.
@@ -562,10 +569,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     start_step = int(state.step)
 
     # --- 3. Programs --------------------------------------------------------------
-    train_step = parallel.data_parallel(
-        make_train_step(job.model, job.schedule, job.tx, job.lr_schedule, ema_decay=config.ema_decay,
-                        loss_config=_loss_config(config)),
-        job.mesh, in_specs=(P(), P(parallel.DATA_AXIS), P()), out_specs=(P(), P()), donate_argnums=(0,))
+    # One step per call, and with steps_per_dispatch = K > 1 also K steps per call
+    # (the single step then runs only to reach a multiple of K after resuming,
+    # and for the last num_train_steps % K steps).
+    one_step = make_train_step(job.model, job.schedule, job.tx, job.lr_schedule, ema_decay=config.ema_decay,
+                               loss_config=_loss_config(config))
+    per_call = config.steps_per_dispatch
+    train_steps = {
+        k: parallel.data_parallel(
+            one_step if k == 1 else make_multi_step(one_step, k), job.mesh,
+            in_specs=(P(), parallel.batch_sharding(job.mesh, stacked=k > 1).spec, P()),
+            out_specs=(P(), P()), donate_argnums=(0,))
+        for k in sorted({1, per_call})}
     nll_fn = job.nll_program()
     sample_fn = job.sample_program(config.sample.num_images, sampler=config.sample.sampler,
                                    num_steps=config.sample.num_steps)
@@ -588,11 +603,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     last_log = (start_step, time.monotonic())
     stopped_early = False
     step = start_step
+    calls = 0  # the preemption sync point counts calls: the same on every process
     with _StopSignals() as stop:
-        for step in range(start_step + 1, config.num_train_steps + 1):
-            batch = parallel.shard_batch(next(train_iter), job.mesh)
-            state, metrics = train_step(state, batch, train_key)
+        while step < config.num_train_steps:
+            k = per_call if step % per_call == 0 and step + per_call <= config.num_train_steps else 1
+            if k == 1:
+                batch = parallel.shard_batch(next(train_iter), job.mesh)
+            else:
+                local = [next(train_iter) for _ in range(k)]
+                batch = parallel.shard_batch(jax.tree.map(lambda *xs: np.stack(xs), *local), job.mesh,
+                                             stacked=True)
+            state, metrics = train_steps[k](state, batch, train_key)
             pending_metrics.append(metrics)
+            step += k
+            calls += 1
 
             if step % config.log_every_steps == 0 or step == config.num_train_steps:
                 summary = _summarize(pending_metrics)
@@ -626,7 +650,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 write_samples(step)
 
             ckpt.save(step, state, data_iterator=train_iter)
-            if stop.requested or parallel.reached_preemption_sync_point(step):
+            if stop.requested or parallel.reached_preemption_sync_point(calls):
                 stopped_early = True
                 break
 
