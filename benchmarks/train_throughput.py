@@ -19,8 +19,8 @@ For each (batch, dtype) of the sweep:
 One JSON line per measurement goes to stdout (benchmarks/_report.py).
 
 `--steps-per-dispatch K` runs K training steps per call, a `lax.scan` over a
-stack of K batches inside the jitted function, so Python dispatches 1/K as
-often. `--cpu-devices N` splits the CPU into N XLA devices (data parallel;
+stack of K batches inside the jitted function (`training.step.make_multi_step`,
+as train.py's `config.steps_per_dispatch`), so Python dispatches 1/K as often. `--cpu-devices N` splits the CPU into N XLA devices (data parallel;
 by default one per core, as many as divide every batch, as train.py does);
 `--xla-flags` adds XLA flags for experiments.
 

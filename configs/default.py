@@ -52,7 +52,8 @@ def get_config() -> ml_collections.ConfigDict:
     # batches): fewer dispatches from the host where a step is short (small
     # models, fast accelerators); the same updates as one step per call.
     # log_every_steps, checkpoint_every_steps and eval_every_steps must be
-    # multiples of it; SIGTERM/SIGINT stop after the call in flight.
+    # multiples of it; SIGTERM/SIGINT stop after the call in flight. For GPUs
+    # and TPUs: on the CPU backend several steps per call run slower (README).
     config.steps_per_dispatch = 1
 
     # --- Data (diffusion_jax.input_pipeline.DataConfig) --------------------------

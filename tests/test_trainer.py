@@ -159,7 +159,7 @@ def test_sigterm_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one(di
                      getattr(straight, name), getattr(resumed, name))
 
 
-def test_several_steps_per_call_resume_between_calls_and_match_one_step_per_call(digits_run, tmp_path):
+def test_several_steps_per_call_resume_between_calls_and_match_one_step_per_call(digits_run, tmp_path, caplog):
     """steps_per_dispatch=5: a run to step 33 (calls of 5 to 30, then 3 single
     steps) resumed to 60 (single steps to 35, then calls of 5) logs and
     checkpoints at the steps of the one-step run, logs its losses, and ends at
@@ -180,7 +180,9 @@ def test_several_steps_per_call_resume_between_calls_and_match_one_step_per_call
     workdir = str(tmp_path)
 
     config.num_train_steps = 33
-    assert int(trainer.train_and_evaluate(config, workdir).step) == 33
+    with caplog.at_level("WARNING", logger=trainer.logger.name):
+        assert int(trainer.train_and_evaluate(config, workdir).step) == 33
+    assert "steps_per_dispatch=5 on the CPU backend" in caplog.text  # slow there: a warning
     config.num_train_steps = 60
     resumed = trainer.train_and_evaluate(config, workdir)
     assert int(resumed.step) == 60 and int(resumed.nonfinite_count) == 0

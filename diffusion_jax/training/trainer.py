@@ -575,6 +575,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     one_step = make_train_step(job.model, job.schedule, job.tx, job.lr_schedule, ema_decay=config.ema_decay,
                                loss_config=_loss_config(config))
     per_call = config.steps_per_dispatch
+    if per_call > 1 and jax.default_backend() == "cpu":
+        logger.warning(
+            "steps_per_dispatch=%d on the CPU backend: XLA:CPU (jaxlib 0.10) compiles the convolutions' "
+            "gradients inside the loop of several steps to a slow generic form, and the steps run "
+            "several times slower than one per call (BENCHMARKS.md); use steps_per_dispatch=1 on CPU.",
+            per_call)
     train_steps = {
         k: parallel.data_parallel(
             one_step if k == 1 else make_multi_step(one_step, k), job.mesh,
