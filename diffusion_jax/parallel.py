@@ -292,6 +292,9 @@ def sync_processes(name: str) -> None:
 def reached_preemption_sync_point(step: int) -> bool:
     """Whether all processes agreed to stop at ``step`` after a SIGTERM.
 
+    ``step`` counts up by one per call of this function and is the same on
+    every process at each call (the trainer passes its count of device calls).
+
     With several processes a local signal flag is not enough (one process
     stopping would leave the others blocked in a collective); JAX's
     preemption service, started by ``jax.distributed.initialize``, catches

@@ -70,6 +70,18 @@ def _tiny_digits_config(num_train_steps):
     return config
 
 
+def _training_only(config, **fields):
+    """A copy of ``config`` that only trains (no evaluation or sampling: they do
+    not change the state), with ``fields`` set."""
+    config = config.copy_and_resolve_references()
+    config.eval_every_steps = 0
+    config.eval.nll_at_end = False
+    config.sample.num_images = 0
+    for name, value in fields.items():
+        config[name] = value
+    return config
+
+
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("digits"))
@@ -125,11 +137,7 @@ def test_sigterm_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one(di
     train_and_evaluate returns; restarting continues to the same params, EMA and
     optimizer state (bitwise) as the uninterrupted 60-step run of the fixture."""
     config, _, straight = digits_run
-    config = config.copy_and_resolve_references()
-    config.checkpoint_every_steps = 10
-    config.eval_every_steps = 0  # evaluation and sampling do not change the state
-    config.eval.nll_at_end = False
-    config.sample.num_images = 0
+    config = _training_only(config, checkpoint_every_steps=10)
     workdir = str(tmp_path)
     first_checkpoint = os.path.join(workdir, "checkpoints", "10")
 
@@ -172,11 +180,7 @@ def test_several_steps_per_call_resume_between_calls_and_match_one_step_per_call
     the full learning rate, different in two compilations; such parameters
     do not change what the network computes."""
     config, _, straight = digits_run
-    config = config.copy_and_resolve_references()
-    config.steps_per_dispatch = 5
-    config.eval_every_steps = 0  # evaluation and sampling do not change the state
-    config.eval.nll_at_end = False
-    config.sample.num_images = 0
+    config = _training_only(config, steps_per_dispatch=5)
     workdir = str(tmp_path)
 
     config.num_train_steps = 33

@@ -539,11 +539,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     ``tensorboard/`` event files, ``samples/step_*.png`` grids and, with
     ``eval.nll_at_end``, ``nll.json``.
 
-    Stops cleanly (checkpoint, return) on SIGTERM/SIGINT after the step in
-    flight (the call of ``steps_per_dispatch`` steps in flight). Raises FloatingPointError when ``max_consecutive_nonfinite``
-    updates in a row were skipped; that is checked at log steps, where the
-    metrics come to the host anyway, so the loop never waits on the device
-    for it; the last checkpoint is kept as it was.
+    Stops cleanly (checkpoint, return) on SIGTERM/SIGINT after the call in
+    flight (one step, or ``steps_per_dispatch``). Raises FloatingPointError
+    when ``max_consecutive_nonfinite`` updates in a row were skipped; that is
+    checked at log steps, where the metrics come to the host anyway, so the
+    loop never waits on the device for it; the last checkpoint is kept as it
+    was.
 
     Returns:
       The final TrainState.
