@@ -20,9 +20,11 @@ One JSON line per measurement goes to stdout (benchmarks/_report.py).
 
 `--steps-per-dispatch K` runs K training steps per call, a `lax.scan` over a
 stack of K batches inside the jitted function (`training.step.make_multi_step`,
-as train.py's `config.steps_per_dispatch`), so Python dispatches 1/K as often. `--cpu-devices N` splits the CPU into N XLA devices (data parallel;
-by default one per core, as many as divide every batch, as train.py does);
-`--xla-flags` adds XLA flags for experiments.
+as train.py's `config.steps_per_dispatch`), so Python dispatches 1/K as often
+(on XLA:CPU much slower instead: BENCHMARKS.md). `--cpu-devices N` splits the
+CPU into N XLA devices (data parallel; by default one per core, as many as
+divide every batch, as train.py does); `--xla-flags` adds XLA flags for
+experiments.
 
   python benchmarks/train_throughput.py --workload tiny
   python benchmarks/train_throughput.py --workload ddpm_cifar10 --batch 32 --dtype float32 bfloat16

@@ -109,11 +109,8 @@ def test_steps_per_dispatch_is_a_positive_int():
         c.steps_per_dispatch = 0
     _bad(mutate, r"config\.steps_per_dispatch.*>= 1")
 
-    def divides(c):
-        c.steps_per_dispatch = 4  # divides 100, 5000 and 20000, and eval 0 (never)
-        c.eval_every_steps = 0
     config = _load("cifar10")
-    divides(config)
+    config.steps_per_dispatch, config.eval_every_steps = 4, 0  # 4 divides 100 and 5000; 0 is never
     trainer.validate_config(config, device_count=8)
 
 
