@@ -113,7 +113,7 @@ def _positive_int(text: str) -> int:
 
 
 def start_devices(requested_cpu_devices: int | None, batches, extra_flags: str = "", *,
-                  cpu_convolutions: str = "ynnpack", ch: int = 1):
+                  cpu_convolutions: str, ch: int):
     """Configures XLA, then starts JAX's backend; returns ``jax.devices()``.
 
     Args:
