@@ -142,6 +142,7 @@ def test_a_run_over_the_timeout_is_stopped_its_records_kept_and_the_suite_goes_o
     site = pip[0].split("--target ")[1].split()[0]
     # ... every sampling command ran and was stopped by the timeout ...
     runs = [c for c in logged if "sample_throughput.py" in c]
+    assert logged.index(pip[0]) < logged.index(runs[0])
     assert len(runs) == len([n for n, _ in _dry_run_commands(tmp_path) if n == "sample_throughput.py"])
     assert log.count("(over RUN_TIMEOUT)") == len(runs)
     # ... and the record each printed before it was stopped is kept, with the wheels'
