@@ -52,7 +52,22 @@ def _log_ndtr_diff(hi: jax.Array, lo: jax.Array) -> jax.Array:
     a = jnp.where(flip, -lo, hi)
     b = jnp.where(flip, -hi, lo)
     la, lb = log_ndtr(a), log_ndtr(b)
-    return la + jnp.log1p(-jnp.exp(jnp.minimum(lb - la, -1e-30)))
+    return la + _log1mexp(jnp.minimum(lb - la, -1e-30))
+
+
+def _log1mexp(d: jax.Array) -> jax.Array:
+    """log(1 - e^d) for d < 0, accurate at both ends (Maechler 2012, "Accurately
+    computing log(1 - exp(-|a|))"): log(-expm1(d)) for d > -ln 2, log1p(-e^d) below.
+
+    Each branch gets an input it is finite at, so the unused one cannot put a
+    NaN into the gradient.
+    """
+    near_zero = d > -math.log(2.0)
+    return jnp.where(
+        near_zero,
+        jnp.log(-jnp.expm1(jnp.where(near_zero, d, -1.0))),
+        jnp.log1p(-jnp.exp(jnp.where(near_zero, -1.0, d))),
+    )
 
 
 def discretized_gaussian_log_likelihood(x: jax.Array, *, means: jax.Array, log_scales: jax.Array) -> jax.Array:
@@ -147,16 +162,22 @@ class TrainingLosses:
     """Per-example training losses, each ``[B]``.
 
     Attributes:
-      loss: what to minimise (before timestep importance weights).
+      loss: what to minimise: ``mse`` for ``"simple"``, ``vlb + L_T`` for
+        ``"vlb"``, ``mse + vlb_weight * (vlb + L_T)`` for ``"hybrid"``.
       mse: the simple loss, mean over dimensions of (target - prediction)^2
         (weighted by min-SNR when configured); zero for ``loss="vlb"``.
       vlb: the variational-bound term times T in bits/dim (an unbiased estimate
-        of the full bound's L_1..L_{T-1} + L_0 part); zero for ``loss="simple"``.
+        of the full bound's L_0 + ... + L_{T-1} part); zero for ``loss="simple"``.
+      prior: the part of ``loss`` that is the prior term L_T (``"vlb"``: L_T in
+        bits/dim, ``"hybrid"``: ``vlb_weight * L_T``, ``"simple"``: zero). It
+        does not depend on t, so timestep importance sampling weighs and records
+        ``loss - prior`` only.
     """
 
     loss: jax.Array
     mse: jax.Array
     vlb: jax.Array
+    prior: jax.Array
 
 
 def training_losses(
@@ -177,10 +198,17 @@ def training_losses(
     - ``"simple"``: ||target - model||^2 averaged over dimensions (Ho et al. 2020
       eq. 14 with target eps; x_0 or v targets likewise), optionally weighted
       by min-SNR-gamma (Hang et al. 2023).
-    - ``"vlb"``: T * L_t in bits/dim, the variational bound (Ho et al. eq. 5).
-    - ``"hybrid"``: simple + ``vlb_weight`` * T * L_t with the mean's gradient
-      stopped in the VLB part, so the bound trains only the variance
+    - ``"vlb"``: T * L_t + L_T in bits/dim, an unbiased one-sample estimate of
+      the variational bound L_T + sum_t L_t (Ho et al. eq. 5).
+    - ``"hybrid"``: simple + ``vlb_weight`` * (T * L_t + L_T) with the mean's
+      gradient stopped in the VLB part, so the bound trains only the variance
       (Nichol & Dhariwal 2021 sec. 3.1, lambda = 0.001).
+
+    L_T = KL(q(x_T | x_0) || N(0, I)) is a constant for a fixed schedule, and
+    implementations that only train fixed schedules leave it out. A learned
+    schedule (Kingma et al. 2021) moves it: without L_T the rest of the bound
+    keeps falling as the last step's SNR rises, so minimising it alone drives
+    q(x_T | x_0) away from the N(0, I) that sampling starts from.
 
     Args:
       model_fn: ``model_fn(x_t, timesteps) -> output``, called with the original
@@ -230,8 +258,14 @@ def training_losses(
             schedule, vlb_output, x0, x_t, t, prediction=prediction, variance=variance, clip_denoised=False
         )
 
-    total = {"simple": mse, "vlb": vlb, "hybrid": mse + vlb_weight * vlb}[loss]
-    return TrainingLosses(loss=total, mse=mse, vlb=vlb)
+    # 3. L_T, the bound's one term that does not depend on t.
+    prior = zeros
+    if loss == "vlb":
+        prior = prior_bpd(schedule, x0)
+    elif loss == "hybrid":
+        prior = vlb_weight * prior_bpd(schedule, x0)
+    total = {"simple": mse, "vlb": vlb + prior, "hybrid": mse + vlb_weight * vlb + prior}[loss]
+    return TrainingLosses(loss=total, mse=mse, vlb=vlb, prior=prior)
 
 
 # --- Timestep sampling -----------------------------------------------------------
@@ -284,7 +318,7 @@ def update_loss_history(history: LossHistory, t: jax.Array, losses: jax.Array) -
 
 
 def timestep_probs(history: LossHistory, *, uniform_prob: float = 0.001) -> jax.Array:
-    """p_t proportional to sqrt(E[L_t^2]) once every row has K losses, uniform before (Nichol & Dhariwal eq. 17).
+    """p_t proportional to sqrt(E[L_t^2]) once every row has K losses, uniform before (Nichol & Dhariwal eq. 18).
 
     A fraction ``uniform_prob`` of the mass stays uniform so no timestep is starved.
     """

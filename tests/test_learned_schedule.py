@@ -145,3 +145,49 @@ def test_jitted_and_eager_schedules_agree(module, params, build_jit):
         # lambda in float32 to ~1e-6 absolute: ~1e-6 relative in alphabar and 1 - alphabar,
         # ~1e-6 / beta relative in beta near t = 0 (beta ~ 1e-2 here).
         np.testing.assert_allclose(f64(getattr(jitted, name)), f64(getattr(eager, name)), rtol=1e-4)
+
+
+def test_training_the_schedule_on_the_vlb_loss_keeps_x_T_near_the_prior(module, params):
+    """The prior term L_T is part of the loss a learned schedule trains on.
+
+    Gaussian data x0 ~ N(0, v I) and, held fixed, the Bayes-optimal eps-model of
+    the current schedule, E[eps | x_t] = sqrt(1 - abar) x_t / (abar v + 1 - abar):
+    what is left to train is the schedule. Without L_T the rest of the bound
+    falls as lambda(t = 1) rises (fewer, easier steps), and Adam drives it past
+    +6 within 350 steps (measured when the loss lacked L_T: lambda(1) = 6.9 at
+    step 350 and 14.4 at step 700, x_T nearly noise-free); with L_T the bound has
+    a minimum where q(x_T | x_0) is still close to N(0, I) (measured: lambda(1)
+    near -1 from step 350 on).
+    """
+    optax = pytest.importorskip("optax")
+    v, dims, draws = 0.25, 4, 32
+    rows = jnp.repeat(jnp.arange(T, dtype=jnp.int32), draws)  # every row, `draws` times
+
+    def loss(p, key):
+        s = module.apply(p)
+        k_x, k_noise = jax.random.split(key)
+        x0 = math.sqrt(v) * jax.random.normal(k_x, (T * draws, dims))
+        noise = jax.random.normal(k_noise, x0.shape)
+        abar = jax.lax.stop_gradient(s.alphas_cumprod)[rows][:, None]
+
+        def model_fn(x_t, ts):
+            return jnp.sqrt(1 - abar) * x_t / (abar * v + 1 - abar)
+
+        return jnp.mean(dj.training_losses(model_fn, s, x0, rows, noise, loss="vlb").loss)
+
+    tx = optax.adam(3e-2)
+
+    @jax.jit
+    def step(p, opt_state, key):
+        grads = jax.grad(loss)(p, key)
+        updates, opt_state = tx.update(grads, opt_state)
+        return optax.apply_updates(p, updates), opt_state
+
+    p, opt_state = params, tx.init(params)
+    for i in range(350):
+        p, opt_state = step(p, opt_state, jax.random.PRNGKey(i))
+    lam_end = float(log_snr_at(module, p, [1.0])[0])
+    assert np.isfinite(lam_end)
+    assert lam_end < 2.0, f"lambda(t=1) = {lam_end}: x_T has drifted far from N(0, I)"
+    # And it did move: the initial -10 is far below the bound's minimum here.
+    assert lam_end > -8.0

@@ -304,6 +304,7 @@ def test_simple_loss_with_zero_model_is_the_mean_squared_target(schedule, predic
     np.testing.assert_allclose(f64(out.loss), per_example_mean(target**2), rtol=1e-5)
     np.testing.assert_allclose(f64(out.mse), f64(out.loss), rtol=0)
     np.testing.assert_array_equal(np.asarray(out.vlb), 0.0)
+    np.testing.assert_array_equal(np.asarray(out.prior), 0.0)
 
 
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
@@ -341,8 +342,42 @@ def test_vlb_loss_is_T_times_the_bound_term(schedule):
         *[reference_vlb_term(r, x0[i], x_t[i], eps_hat[i], clip=False) for i, r in enumerate(rows)], strict=True
     )
     np.testing.assert_array_less(np.abs(f64(out.vlb) - T * np.array(ref)), T * np.array(tol))
-    np.testing.assert_array_equal(np.asarray(out.loss), np.asarray(out.vlb))
+    # L_T by its closed form (about 1e-5 bits here; see the next test where it is large).
+    prior = prior_closed_form(ABAR[-1], x0)
+    np.testing.assert_allclose(f64(out.prior), prior, rtol=1e-3, atol=1e-9)
+    np.testing.assert_allclose(f64(out.loss), f64(out.vlb) + prior, rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(out.mse), 0.0)
+
+
+def prior_closed_form(abar_T, x0):
+    """KL(N(sqrt(abar_T) x0, 1 - abar_T) || N(0, 1)) averaged over dimensions, in bits, per example."""
+    kl = 0.5 * (-1 - np.log(1 - abar_T) + (1 - abar_T) + abar_T * np.asarray(x0, np.float64) ** 2)
+    return kl.reshape(len(kl), -1).mean(1) / LOG2
+
+
+@pytest.mark.parametrize("loss", ["vlb", "hybrid"])
+def test_bound_losses_average_over_t_to_the_full_bound(loss):
+    """E_t[loss] over uniform t is the whole bound L_T + sum_t L_t (Ho et al. eq. 5), as
+    `nll_bpd` evaluates it: here on a short schedule that ends far from N(0, I), so
+    that leaving L_T out would miss by more than 0.1 bits/dim."""
+    steps = 8
+    sched = dj.make_schedule("linear", steps, beta_end=1e-3)  # betas 0.0125 .. 0.125, abar_T = 0.56
+    rng = np.random.default_rng(11)
+    x0 = j32(grid_data(rng, (3, 4, 2)))
+    key = jax.random.PRNGKey(4)
+
+    def model_fn(x, ts):  # fixed and imperfect, depending on t
+        return 0.5 * x + 0.01 * ts.astype(jnp.float32)[:, None, None]
+
+    nll = dj.nll_bpd(model_fn, sched, x0, key, clip_denoised=False)
+    assert np.all(f64(nll.prior) > 0.1)
+    per_row = []
+    for row in range(steps):  # the noise nll_bpd draws at each row
+        noise = jax.random.normal(jax.random.fold_in(key, row), x0.shape, x0.dtype)
+        t = jnp.full((3,), row, jnp.int32)
+        out = dj.training_losses(model_fn, sched, x0, t, noise, loss=loss)
+        per_row.append(f64(out.loss) if loss == "vlb" else (f64(out.loss) - f64(out.mse)) / 0.001)
+    np.testing.assert_allclose(np.mean(per_row, axis=0), f64(nll.total), rtol=1e-5)
 
 
 def test_hybrid_loss_trains_only_the_variance_through_the_bound(schedule):
@@ -373,7 +408,9 @@ def test_hybrid_loss_trains_only_the_variance_through_the_bound(schedule):
     np.testing.assert_allclose(f64(grad_hybrid[..., 2:]), var_grad, rtol=1e-5, atol=1e-5 * np.max(np.abs(var_grad)))
 
     out = losses(params, "hybrid")
-    np.testing.assert_allclose(f64(out.loss), f64(out.mse) + 0.001 * f64(out.vlb), rtol=1e-6)
+    prior = 0.001 * prior_closed_form(ABAR[-1], x0)
+    np.testing.assert_allclose(f64(out.prior), prior, rtol=1e-3, atol=1e-12)
+    np.testing.assert_allclose(f64(out.loss), f64(out.mse) + 0.001 * f64(out.vlb) + prior, rtol=1e-6)
 
 
 def test_loss_shapes_for_every_combination(schedule):
@@ -392,7 +429,7 @@ def test_loss_shapes_for_every_combination(schedule):
                     prediction=prediction,
                     variance=variance,
                 )
-                for field in (out.loss, out.mse, out.vlb):
+                for field in (out.loss, out.mse, out.vlb, out.prior):
                     assert field.shape == (3,) and field.dtype == jnp.float32
                     assert np.all(np.isfinite(np.asarray(field)))
 

@@ -175,7 +175,8 @@ def make_train_step(
             losses = dj.training_losses(
                 model_fn, sched, x0, t, noise, loss=cfg.loss, prediction=cfg.prediction,
                 variance=cfg.variance, min_snr_gamma=cfg.min_snr_gamma, vlb_weight=cfg.vlb_weight)
-            return jnp.mean(losses.loss * weights), losses
+            # Importance weights apply to the part that depends on t; L_T does not.
+            return jnp.mean((losses.loss - losses.prior) * weights + losses.prior), losses
 
         trainable = parallel.vary_over_data(state.trainable)
         (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
@@ -196,7 +197,7 @@ def make_train_step(
         loss_history = state.loss_history
         if loss_history is not None:
             loss_history = dj.update_loss_history(
-                loss_history, _all_gather_invariant(t), _all_gather_invariant(losses.loss))
+                loss_history, _all_gather_invariant(t), _all_gather_invariant(losses.loss - losses.prior))
 
         def keep_if_finite(new, old):
             return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
