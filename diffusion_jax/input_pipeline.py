@@ -16,7 +16,12 @@ Datasets (``DataConfig.name``):
 * ``"folder"``: the png/jpg/... files directly inside ``data_dir``, or inside
   ``data_dir/<split>`` where that sub-folder exists (so ``data_dir/train`` and
   ``data_dir/test`` give two splits; a flat folder serves every split, i.e. the
-  evaluation set is then the training set). Unlabelled: label 0.
+  evaluation set is then the training set). Unlabelled: label 0. Split names
+  are folder names: TFDS slicing ("train[:90%]") is refused. A split is
+  grayscale when every file is (PIL modes "1", "L", "LA" with the alpha
+  dropped, and 16-bit "I;16*" scaled to 8 bits as ``round(v / 257)``), else
+  RGB; files of 32-bit int or float mode ("I", "F"), whose range is unknown,
+  are refused.
 
 Every image is center-cropped to a square and resized to ``image_size`` with
 PIL's bilinear filter (antialiased when shrinking: PIL widens the filter by the
@@ -53,15 +58,29 @@ of ``P`` reads rows ``p B/P .. (p + 1) B/P - 1`` of every global batch
 (decoding only those). So the global batch, its examples and their order, does
 not depend on the number of processes: 2 processes of 2 devices train exactly
 as 1 process of 4. Shuffle order and flips are pure functions of (``seed``,
-position in the stream), so the same seed gives the same batches, and a
-restored iterator state continues exactly. Evaluation: process ``p`` reads the
-examples ``p, p + P, p + 2P, ...`` of the eval split (disjoint shards that
-cover it).
+position in the stream), so the same seed gives the same batches.
+Evaluation: process ``p`` reads the examples ``p, p + P, p + 2P, ...`` of the
+eval split (disjoint shards that cover it).
+
+Resuming: the train iterator's state (``get_state()``, what grain's Orbax
+``CheckpointHandler`` saves as JSON) is the position ``E`` in the stream counted
+in examples, the same on every process, with the global batch size, seed and
+split length it was saved under: ``{"next_example": E, "global_batch_size": B,
+"seed": s, "split_length": N}``. Restored (``set_state()``), global batch ``k``
+of the iterator is elements ``E + kB' .. E + kB' + B' - 1`` of the stream for
+its own global batch size ``B'``, so a run resumed with another batch size
+(``E`` need not be a multiple of ``B'``), another process count or another
+worker_count reads exactly the examples that the interrupted run had not. A
+state saved under another seed or split length also continues at ``E``, of a
+different stream, and logs a warning naming the old and new values. A state
+``{"next_index": n}`` (grain's own, written by earlier versions) is read as
+``E = n B'``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Sequence
 
@@ -76,9 +95,15 @@ from diffusion_jax.datasets import digits as digits_lib
 DIGITS = "digits"
 FOLDER = "folder"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-_GRAYSCALE_MODES = ("1", "L")
+# PIL modes read as one channel: 8-bit (alpha dropped) and 16-bit grayscale.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+_GRAYSCALE_MODES = ("1", "L", "LA", "La", *_SIXTEEN_BIT_MODES)
+# PIL modes of 32-bit ints or floats: what range they span is not in the file.
+_UNKNOWN_RANGE_MODES = ("I", "F")
 # Threads that build batches ahead of the consumer, and how many they keep.
 _READ_OPTIONS = grain.ReadOptions(num_threads=8, prefetch_buffer_size=8)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +119,8 @@ class DataConfig:
         image_size: images are center-cropped and resized to image_size^2.
         random_flip: random horizontal flips of training images.
         train_split: split read by `create_train_iterator` (TFDS slicing such as
-            "train[:90%]" works for TFDS datasets and digits).
+            "train[:90%]" works for TFDS datasets and digits; for "folder", a
+            sub-folder name).
         eval_split: split read by `create_eval_iterator`.
     """
 
@@ -126,6 +152,14 @@ class DataConfig:
             value = getattr(self, field)
             if not isinstance(value, str) or not value:
                 raise ValueError(f"DataConfig.{field} must be a non-empty string, got {value!r}.")
+            if self.name == FOLDER and "[" in value:
+                # A folder split is a sub-folder; no such folder would silently
+                # mean "the whole folder".
+                raise ValueError(
+                    f"DataConfig.{field}={value!r}: split slicing is only for TFDS datasets "
+                    "and 'digits'; a 'folder' dataset's splits are sub-folders of data_dir "
+                    "(put the images in e.g. data_dir/train and data_dir/test)."
+                )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,8 +245,24 @@ class _TfdsRecords:
         return {"image": image, "label": np.int32(label)}
 
 
+def _eight_bit_image(image: PIL.Image.Image, channels: int) -> PIL.Image.Image:
+    """`image` as PIL mode "L" (channels 1) or "RGB" (channels 3), 8 bits a channel.
+
+    16-bit grayscale ("I;16*") is scaled to round(v / 257), which maps 0..65535
+    onto 0..255 (PIL's own conversion clips it to 255 instead); an alpha channel
+    is dropped.
+    """
+    if image.mode in _SIXTEEN_BIT_MODES:
+        wide = np.asarray(image).astype(np.uint32)  # any byte order -> native
+        # round(v / 257) in integers: v / 257 is never exactly halfway.
+        image = PIL.Image.fromarray(((wide + 128) // 257).astype(np.uint8))
+    elif image.mode == "La":  # premultiplied alpha, which PIL converts only to "LA"
+        image = image.convert("LA")
+    return image.convert("L" if channels == 1 else "RGB")
+
+
 class _FolderRecords:
-    """Image files read with PIL as uint8 [h, w, C] (C = 1 for "L", else RGB)."""
+    """Image files read with PIL as uint8 [h, w, C] (C = 1 for grayscale, else RGB)."""
 
     def __init__(self, paths: Sequence[str], *, channels: int):
         self._paths = list(paths)
@@ -225,13 +275,24 @@ class _FolderRecords:
         path = self._paths[index]
         try:
             with PIL.Image.open(path) as image:
-                image = image.convert("L" if self._channels == 1 else "RGB")
-                pixels = np.asarray(image, dtype=np.uint8)
+                mode = image.mode
+                if mode not in _UNKNOWN_RANGE_MODES:
+                    pixels = np.asarray(_eight_bit_image(image, self._channels), dtype=np.uint8)
         except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad files.
             raise ValueError(f"folder dataset: cannot read image file {path}: {e}") from e
+        _check_image_mode(path, mode)  # only if the file changed since `_folder_split`
         if pixels.ndim == 2:
             pixels = pixels[:, :, None]
         return {"image": pixels, "label": np.int32(0)}
+
+
+def _check_image_mode(path: str, mode: str) -> None:
+    if mode in _UNKNOWN_RANGE_MODES:
+        raise ValueError(
+            f"folder dataset: image file {path} has PIL mode {mode!r} (32-bit "
+            f"{'integer' if mode == 'I' else 'float'} pixels), whose range is unknown; "
+            "convert it to 8- or 16-bit grayscale or RGB."
+        )
 
 
 def _folder_split(folder: str, split: str) -> _Split:
@@ -257,9 +318,11 @@ def _folder_split(folder: str, split: str) -> _Split:
     for path in paths:
         try:
             with PIL.Image.open(path) as image:
-                modes.add(image.mode)
+                mode = image.mode
         except (OSError, ValueError, SyntaxError) as e:
             raise ValueError(f"folder dataset: cannot read image file {path}: {e}") from e
+        _check_image_mode(path, mode)
+        modes.add(mode)
     channels = 1 if modes <= set(_GRAYSCALE_MODES) else 3
     return _Split(_FolderRecords(paths, channels=channels), channels, None)
 
@@ -281,6 +344,19 @@ def _not_prepared_message(name: str, data_dir: str | None, builder) -> str:
 
 def _builder_split(builder, *, name: str, data_dir: str | None, split: str) -> _Split:
     """Opens one split of a TFDS builder as validated random-access records."""
+    # The features are known before anything is prepared or read.
+    features = builder.info.features
+    if "image" not in features:
+        raise ValueError(
+            f"TFDS dataset {name!r} has no 'image' feature (features: {sorted(features)})."
+        )
+    # `np_dtype`: `dtype` would import TensorFlow.
+    image_dtype = np.dtype(getattr(features["image"], "np_dtype", None) or np.uint8)
+    if image_dtype != np.uint8:
+        raise ValueError(
+            f"TFDS dataset {name!r}: the 'image' feature has dtype {image_dtype.name}; "
+            "only uint8 images are supported."
+        )
     try:
         source = builder.as_data_source(split=split)
     except (NotImplementedError, ValueError, KeyError, OSError) as e:
@@ -296,11 +372,6 @@ def _builder_split(builder, *, name: str, data_dir: str | None, split: str) -> _
         raise ValueError(
             f"Cannot open split {split!r} of TFDS dataset {name!r} in {builder.data_dir}: {e}"
         ) from e
-    features = builder.info.features
-    if "image" not in features:
-        raise ValueError(
-            f"TFDS dataset {name!r} has no 'image' feature (features: {sorted(features)})."
-        )
     if len(source) == 0:
         raise ValueError(f"TFDS dataset {name!r}: split {split!r} in {builder.data_dir} is empty.")
     label_feature = features["label"] if "label" in features else None
@@ -326,13 +397,27 @@ def _builder_split(builder, *, name: str, data_dir: str | None, split: str) -> _
 
 
 def _prepared_digits_builder(data_dir: str | None) -> digits_lib.Digits:
-    """The digits builder, prepared into data_dir first if needed (offline, ~1 s)."""
+    """The digits builder, prepared into data_dir first if needed (offline, ~1 s).
+
+    Several processes may prepare the same data_dir at once (the processes of
+    one job, or parallel tests). Each writes into its own temporary directory
+    and renames it into place; the first rename wins and the others fail with
+    "Destination ... already exists". Such a failure is not an error once the
+    dataset is there.
+    """
     builder = digits_lib.Digits(data_dir=data_dir, file_format="array_record")
-    if not builder.is_prepared():
+    if builder.is_prepared():
+        return builder
+    try:
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(try_download_gcs=False)
         )
-    return builder
+    except Exception:
+        if not digits_lib.Digits(data_dir=data_dir, file_format="array_record").is_prepared():
+            raise
+    # A fresh builder reads the prepared dataset's info (its splits) from
+    # data_dir, whichever process wrote it.
+    return digits_lib.Digits(data_dir=data_dir, file_format="array_record")
 
 
 def _open_split(config: DataConfig, split: str) -> _Split:
@@ -348,6 +433,10 @@ def _open_split(config: DataConfig, split: str) -> _Split:
             raise ValueError(
                 f"Unknown dataset {config.name!r}: not 'digits', not 'folder', not a TFDS "
                 f"dataset name, and not prepared in data_dir {config.data_dir!r}."
+            ) from e
+        except AssertionError as e:  # TFDS's way of saying e.g. "no such version"
+            raise ValueError(
+                f"Cannot open dataset {config.name!r} (data_dir {config.data_dir!r}): {e}"
             ) from e
     return _builder_split(builder, name=config.name, data_dir=config.data_dir, split=split)
 
@@ -400,18 +489,30 @@ class _RowOfGlobalBatch(grain.transforms.Map):
     """Local index n -> the stream element this process holds at that position.
 
     Local batch k (rows n = k b .. k b + b - 1, b = B / P) is rows p b .. p b + b - 1
-    of global batch k, i.e. stream elements k B + p b .. k B + p b + b - 1.
+    of global batch k, which starts at stream element E + k B, i.e. stream
+    elements E + k B + p b .. E + k B + p b + b - 1.
     """
 
-    def __init__(self, stream: grain.MapDataset, *, global_batch: int, local_batch: int, first_row: int):
+    def __init__(
+        self,
+        stream: grain.MapDataset,
+        *,
+        first_example: int,
+        global_batch: int,
+        local_batch: int,
+        first_row: int,
+    ):
         self._stream = stream
+        self._first_example = first_example
         self._global_batch = global_batch
         self._local_batch = local_batch
         self._first_row = first_row
 
     def map(self, element):
         batch, row = divmod(element, self._local_batch)
-        return self._stream[batch * self._global_batch + self._first_row + row]
+        return self._stream[
+            self._first_example + batch * self._global_batch + self._first_row + row
+        ]
 
 
 class _PaddedExample(grain.transforms.Map):
@@ -430,6 +531,154 @@ class _PaddedExample(grain.transforms.Map):
             "label": np.int32(0),
             "mask": np.float32(0.0),
         }
+
+
+# ---------------------------------------------------------------------------
+# The training iterator: position counted in examples.
+# ---------------------------------------------------------------------------
+
+_STATE_KEYS = ("next_example", "global_batch_size", "seed", "split_length")
+
+
+class _TrainIterator(grain.DatasetIterator):
+    """This process's rows of the global batches of `stream`, from a position E.
+
+    The state is where the job is in `stream`, counted in examples (the same on
+    every process), so it does not depend on the batch size, process count or
+    worker count it is restored into: `set_state` rebuilds the grain pipeline
+    to start at E. See the module docstring ("Resuming").
+    """
+
+    # Read by `checkpointing.Checkpointer.restore`: every process's saved state is
+    # the same, so a job of another process count may restore any one of them.
+    state_is_global = True
+
+    def __init__(
+        self,
+        stream: grain.MapDataset,
+        *,
+        global_batch_size: int,
+        process_index: int,
+        process_count: int,
+        worker_count: int,
+        seed: int,
+        split_length: int,
+    ):
+        super().__init__()
+        self._stream = stream
+        self._global_batch_size = global_batch_size
+        self._local_batch_size = global_batch_size // process_count
+        self._first_row = process_index * self._local_batch_size
+        self._worker_count = worker_count
+        self._seed = seed
+        self._split_length = split_length
+        self._next_example = 0
+        self._batches = None  # built on first use, so a restore builds it once
+
+    def _batches_from(self, first_example: int) -> grain.DatasetIterator:
+        rows = grain.MapDataset.range(
+            (len(self._stream) - first_example) // self._global_batch_size
+            * self._local_batch_size
+        ).map(
+            _RowOfGlobalBatch(
+                self._stream,
+                first_example=first_example,
+                global_batch=self._global_batch_size,
+                local_batch=self._local_batch_size,
+                first_row=self._first_row,
+            )
+        )
+        # Batching the MapDataset (not the IterDataset) makes a batch the unit
+        # of work: prefetch threads and worker processes each build whole
+        # batches, and worker w builds batches w, w + W, ..., so the stream is
+        # the same for every worker_count.
+        batches = rows.batch(self._local_batch_size, drop_remainder=True).to_iter_dataset(
+            _READ_OPTIONS
+        )
+        if self._worker_count:
+            # grain's worker processes read absl flags; outside an absl.app
+            # program (tests, notebooks) nothing has parsed them yet, so take
+            # the defaults.
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()
+            batches = batches.mp_prefetch(
+                grain.MultiprocessingOptions(num_workers=self._worker_count)
+            )
+        return iter(batches)
+
+    def _started(self) -> grain.DatasetIterator:
+        if self._batches is None:
+            self._batches = self._batches_from(self._next_example)
+        return self._batches
+
+    def __next__(self):
+        self._assert_not_closed()
+        batch = next(self._started())
+        self._next_example += self._global_batch_size
+        return batch
+
+    def get_state(self) -> dict[str, int]:
+        return {
+            "next_example": self._next_example,
+            "global_batch_size": self._global_batch_size,
+            "seed": self._seed,
+            "split_length": self._split_length,
+        }
+
+    def set_state(self, state: dict[str, int]) -> None:
+        next_example = self._next_example_of(state)
+        if self._batches is not None:
+            self._batches.close()
+            self._batches = None
+        self._next_example = next_example
+
+    def _next_example_of(self, state) -> int:
+        """Checks a saved state and returns its position E in examples."""
+        if isinstance(state, dict) and set(state) == {"next_index"}:
+            # grain's own state, written by earlier versions: batches of this size.
+            next_index = state["next_index"]
+            _check_state_value("next_index", next_index, state)
+            return next_index * self._global_batch_size
+        if not isinstance(state, dict) or set(state) != set(_STATE_KEYS):
+            raise ValueError(
+                f"Training iterator state {state!r} is not one this pipeline writes: "
+                f"expected the keys {list(_STATE_KEYS)} (or an earlier version's "
+                "{'next_index': n})."
+            )
+        for key in _STATE_KEYS:
+            _check_state_value(key, state[key], state)
+        for key, current in (("seed", self._seed), ("split_length", self._split_length)):
+            if state[key] != current:
+                logger.warning(
+                    "Resuming the training data at example %d of a different stream: "
+                    "the saved iterator state has %s %d, this iterator %s %d.",
+                    state["next_example"], key, state[key], key, current,
+                )
+        return state["next_example"]
+
+    def start_prefetch(self) -> None:
+        self._started().start_prefetch()
+
+    def close(self) -> None:
+        # getattr: close() also runs from __del__, after a failed __init__.
+        batches = getattr(self, "_batches", None)
+        if batches is not None:
+            batches.close()
+        super().close()
+
+    def __str__(self) -> str:
+        return (
+            f"TrainIterator(next_example={self._next_example}, "
+            f"global_batch_size={self._global_batch_size})"
+        )
+
+
+def _check_state_value(key: str, value, state) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(
+            f"Training iterator state {state!r}: {key} must be a non-negative int, "
+            f"got {value!r}."
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -490,8 +739,12 @@ def create_train_iterator(
     a one-process job. The split is reshuffled every epoch; with
     `config.random_flip` each image is mirrored with probability 1/2, decided
     by (seed, position in the stream).
+
     The iterator's `get_state()`/`set_state()` (or grain's Orbax
-    `CheckpointHandler`) save and restore the position exactly.
+    `CheckpointHandler`) save and restore the position in the stream, counted
+    in examples and the same on every process: a state restores exactly into
+    an iterator of any global batch size, process count or worker_count (see
+    the module docstring, "Resuming").
 
     Args:
         config: the data to read.
@@ -501,9 +754,8 @@ def create_train_iterator(
         process_index: this process, in [0, process_count).
         process_count: number of processes reading disjoint shards.
         worker_count: grain worker processes (0: threads in this process only;
-            PNG decoding holds the GIL, so real runs want a few). The batches do
-            not depend on it, but a saved iterator state only restores into an
-            iterator with the same worker_count.
+            PNG decoding holds the GIL, so real runs want a few). Neither the
+            batches nor the iterator state depend on it.
     """
     _check_processes(process_index, process_count)
     _check_positive_int("global_batch_size", global_batch_size)
@@ -531,24 +783,15 @@ def create_train_iterator(
     stream = stream.map(_ToModelInput(config.image_size))
     if config.random_flip:
         stream = stream.random_map(_random_horizontal_flip, seed=int(flip_seed))
-    local_batch = global_batch_size // process_count
-    dataset = grain.MapDataset.range(len(stream) // global_batch_size * local_batch).map(
-        _RowOfGlobalBatch(stream, global_batch=global_batch_size, local_batch=local_batch,
-                          first_row=process_index * local_batch)
+    return _TrainIterator(
+        stream,
+        global_batch_size=int(global_batch_size),
+        process_index=int(process_index),
+        process_count=int(process_count),
+        worker_count=int(worker_count),
+        seed=int(seed),
+        split_length=len(split.records),
     )
-    # Batching the MapDataset (not the IterDataset) makes a batch the unit of
-    # work: prefetch threads and worker processes each build whole batches, and
-    # worker w builds batches w, w + W, ..., so the stream is the same for every
-    # worker_count.
-    dataset = dataset.batch(local_batch, drop_remainder=True)
-    batches = dataset.to_iter_dataset(_READ_OPTIONS)
-    if worker_count:
-        # grain's worker processes read absl flags; outside an absl.app program
-        # (tests, notebooks) nothing has parsed them yet, so take the defaults.
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(worker_count)))
-    return iter(batches)
 
 
 def create_eval_iterator(

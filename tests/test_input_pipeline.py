@@ -6,7 +6,13 @@ as a second resizer, and images with known pixels written here.
 """
 
 import collections
+import json
+import logging
 import os
+import re
+import subprocess
+import sys
+import textwrap
 
 import grain
 import jax
@@ -17,6 +23,7 @@ import tensorflow_datasets as tfds
 from sklearn import datasets as sk_datasets
 
 from diffusion_jax import input_pipeline as ip
+from diffusion_jax.datasets import digits as digits_lib
 
 NUM_DIGITS = 1797
 NUM_DIGITS_TRAIN = 1500
@@ -111,6 +118,88 @@ def test_digits_images_match_sklearn_after_scaling_and_resize(
             )
     # The documented scaling maps sklearn's 0 and 16 to -1 and 1.
     assert batch["image"].min() == -1.0 and batch["image"].max() == 1.0
+
+
+# Run in two processes: each generates the data into its own temporary folder,
+# then waits for the other before renaming it into data_dir, so the second
+# rename certainly finds the destination there (what a race does by chance).
+_PREPARE_AT_ONCE = textwrap.dedent(
+    """
+    import json, os, sys, time
+    import numpy as np
+    from diffusion_jax import input_pipeline as ip
+    from diffusion_jax.datasets import digits as digits_lib
+
+    data_dir, barrier = sys.argv[1], sys.argv[2]
+    generate = digits_lib.Digits._download_and_prepare
+
+    def generate_then_wait(self, *args, **kwargs):
+        result = generate(self, *args, **kwargs)
+        open(os.path.join(barrier, str(os.getpid())), "w").close()
+        deadline = time.monotonic() + 120
+        while len(os.listdir(barrier)) < 2:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the other process never finished generating")
+            time.sleep(0.01)
+        return result
+
+    digits_lib.Digits._download_and_prepare = generate_then_wait
+    config = ip.DataConfig("digits", data_dir=data_dir, image_size=8)
+    info = ip.dataset_info(config)
+    examples = []
+    for batch in ip.create_eval_iterator(config, batch_size=100):
+        pixels = np.round((batch["image"] + 1.0) * 127.5).astype(np.uint8)
+        examples += [
+            (int(l), p.tobytes().hex())
+            for p, l, m in zip(pixels, batch["label"], batch["mask"]) if m == 1
+        ]
+    print(json.dumps({"info": [info.num_train, info.num_eval], "test": sorted(examples)}))
+    """
+)
+
+
+def test_two_processes_preparing_digits_at_once_both_succeed(tmp_path, sklearn_digits):
+    data_dir, barrier = tmp_path / "tfds", tmp_path / "barrier"
+    barrier.mkdir()
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, *sys.path]))
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _PREPARE_AT_ONCE, str(data_dir), str(barrier)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        for _ in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=300) for p in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    for process, (out, err) in zip(processes, outputs):
+        assert process.returncode == 0, err[-3000:]
+    assert len(os.listdir(barrier)) == 2  # both generated, so both renamed
+    # Both read sklearn's test digits.
+    images, labels = sklearn_digits
+    expected = sorted(
+        (int(l), im.tobytes().hex())
+        for im, l in zip(images[NUM_DIGITS_TRAIN:], labels[NUM_DIGITS_TRAIN:])
+    )
+    for out, _ in outputs:
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result["info"] == [NUM_DIGITS_TRAIN, NUM_DIGITS - NUM_DIGITS_TRAIN]
+        assert [tuple(e) for e in result["test"]] == expected
+    # The loser's temporary folder is gone: only the prepared version is left.
+    assert os.listdir(data_dir / "digits") == ["1.0.0"]
+
+
+def test_digits_preparation_failure_is_not_swallowed(tmp_path, monkeypatch):
+    def fail(self, *args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(digits_lib.Digits, "_download_and_prepare", fail)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        ip.dataset_info(_digits(str(tmp_path)))
 
 
 # ---------------------------------------------------------------------------
@@ -228,6 +317,128 @@ def test_iterator_state_restores_the_continuation(digits_dir):
         np.testing.assert_array_equal(a["label"], b["label"])
 
 
+def _state(next_example, global_batch_size, seed, split_length=NUM_DIGITS_TRAIN):
+    return {
+        "next_example": next_example,
+        "global_batch_size": global_batch_size,
+        "seed": seed,
+        "split_length": split_length,
+    }
+
+
+# (64, 10, 32): E = 640 is a multiple of the new batch; (32, 7, 48): E = 224 =
+# 4 * 48 + 32 is not; (32, 50, 48): E = 1600, in the second epoch.
+@pytest.mark.parametrize(
+    "saved_batch, consumed, new_batch", [(64, 10, 32), (32, 7, 48), (32, 50, 48)]
+)
+def test_state_restores_into_another_global_batch_size(
+    digits_dir, saved_batch, consumed, new_batch
+):
+    config = _digits(digits_dir, image_size=8, random_flip=True)
+    original = ip.create_train_iterator(config, global_batch_size=saved_batch, seed=5)
+    seen = _flat_keys(_take(original, consumed))
+    state = original.get_state()
+    assert state == _state(consumed * saved_batch, saved_batch, 5)
+    restored = ip.create_train_iterator(config, global_batch_size=new_batch, seed=5)
+    restored.set_state(state)
+    continuation = _take(restored, 3)
+    assert all(b["label"].shape == (new_batch,) for b in continuation)
+    # Consumed + continuation is the uninterrupted stream, example for example.
+    total = consumed * saved_batch + 3 * new_batch
+    uninterrupted = ip.create_train_iterator(config, global_batch_size=16, seed=5)
+    stream = _flat_keys(_take(uninterrupted, -(-total // 16)))[:total]
+    assert seen + _flat_keys(continuation) == stream
+
+
+def test_state_of_two_processes_restores_into_one(digits_dir):
+    config = _digits(digits_dir, image_size=8, random_flip=True)
+    parts = [
+        ip.create_train_iterator(
+            config, global_batch_size=48, seed=3, process_index=p, process_count=2
+        )
+        for p in range(2)
+    ]
+    consumed = [_take(part, 40) for part in parts]  # 40 * 48 = 1920: past an epoch
+    states = [part.get_state() for part in parts]
+    # The same position on every process, counted in examples.
+    assert states[0] == states[1] == _state(40 * 48, 48, 3)
+    seen = [
+        key
+        for k in range(40)
+        for key in _flat_keys([consumed[0][k]]) + _flat_keys([consumed[1][k]])
+    ]
+    single = ip.create_train_iterator(config, global_batch_size=48, seed=3)
+    single.set_state(states[0])
+    continuation = _flat_keys(_take(single, 2))
+    uninterrupted = ip.create_train_iterator(config, global_batch_size=48, seed=3)
+    assert seen + continuation == _flat_keys(_take(uninterrupted, 42))
+
+
+def test_state_restores_into_another_worker_count(digits_dir):
+    config = _digits(digits_dir, image_size=8, random_flip=True)
+    threads = ip.create_train_iterator(config, global_batch_size=32, seed=2)
+    _take(threads, 5)
+    state = threads.get_state()
+    expected = _take(threads, 2)
+    workers = ip.create_train_iterator(config, global_batch_size=32, seed=2, worker_count=2)
+    workers.set_state(state)
+    try:
+        for a, b in zip(expected, _take(workers, 2)):
+            np.testing.assert_array_equal(a["image"], b["image"])
+            np.testing.assert_array_equal(a["label"], b["label"])
+        assert workers.get_state() == _state(7 * 32, 32, 2)
+    finally:
+        workers.close()
+
+
+def test_legacy_next_index_state_counts_batches_of_the_current_size(digits_dir):
+    config = _digits(digits_dir, image_size=8)
+    uninterrupted = _take(ip.create_train_iterator(config, global_batch_size=32, seed=4), 8)
+    restored = ip.create_train_iterator(config, global_batch_size=32, seed=4)
+    restored.set_state({"next_index": 6})  # what grain's iterator saved before
+    for a, b in zip(uninterrupted[6:], _take(restored, 2)):
+        np.testing.assert_array_equal(a["image"], b["image"])
+    assert restored.get_state() == _state(8 * 32, 32, 4)
+
+
+def test_state_of_another_seed_or_split_continues_with_a_warning(digits_dir, caplog):
+    config = _digits(digits_dir, image_size=8)
+    other_seed = ip.create_train_iterator(config, global_batch_size=32, seed=6)
+    with caplog.at_level(logging.WARNING, logger=ip.__name__):
+        other_seed.set_state(_state(96, 32, seed=5))
+    assert re.search(r"seed 5\b.*seed 6\b", caplog.text), caplog.text
+    # It continues at example 96 of its own stream (seed 6).
+    expected = _take(ip.create_train_iterator(config, global_batch_size=32, seed=6), 4)[3]
+    np.testing.assert_array_equal(next(other_seed)["image"], expected["image"])
+    caplog.clear()
+    other_split = ip.create_train_iterator(config, global_batch_size=32, seed=6)
+    with caplog.at_level(logging.WARNING, logger=ip.__name__):
+        other_split.set_state(_state(96, 32, seed=6, split_length=1000))
+    assert re.search(r"split_length 1000\b.*split_length 1500\b", caplog.text), caplog.text
+    # The same seed and split: no warning.
+    caplog.clear()
+    same = ip.create_train_iterator(config, global_batch_size=64, seed=6)
+    with caplog.at_level(logging.WARNING, logger=ip.__name__):
+        same.set_state(_state(96, 32, seed=6))
+    assert not caplog.records
+
+
+@pytest.mark.parametrize(
+    "state, match",
+    [
+        ({"position": 3}, "next_example"),
+        ({**_state(0, 32, 0), "next_example": -32}, "next_example.*-32"),
+        ({"next_index": "7"}, "next_index.*'7'"),
+    ],
+)
+def test_bad_state_is_refused(digits_dir, state, match):
+    iterator = ip.create_train_iterator(
+        _digits(digits_dir, image_size=8), global_batch_size=32, seed=0
+    )
+    with pytest.raises(ValueError, match=match):
+        iterator.set_state(state)
+
+
 def test_iterator_state_round_trips_through_grains_orbax_handler(digits_dir, tmp_path):
     config = _digits(digits_dir, image_size=8)
     original = ip.create_train_iterator(config, global_batch_size=16, seed=1)
@@ -235,6 +446,8 @@ def test_iterator_state_round_trips_through_grains_orbax_handler(digits_dir, tmp
     grain.checkpoint.CheckpointHandler().save(
         tmp_path, args=grain.checkpoint.CheckpointSave(original)
     )
+    saved = json.loads((tmp_path / "process_0-of-1.json").read_text())
+    assert saved == _state(4 * 16, 16, 1)
     expected = next(original)
     restored = ip.create_train_iterator(config, global_batch_size=16, seed=1)
     grain.checkpoint.CheckpointHandler().restore(
@@ -331,6 +544,40 @@ def test_unknown_dataset_name_is_an_error(tmp_path):
         ip.dataset_info(ip.DataConfig("no_such_dataset_xyz", data_dir=str(tmp_path)))
 
 
+def test_unknown_dataset_version_is_an_error_naming_it(tmp_path):
+    with pytest.raises(ValueError, match=r"'cifar10:9\.9\.9'.*" + str(tmp_path)):
+        ip.dataset_info(ip.DataConfig("cifar10:9.9.9", data_dir=str(tmp_path)))
+
+
+class _Uint16Images(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """A builder whose images are uint16 (never prepared: its info is enough)."""
+
+    name = "uint16_images"
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {"image": tfds.features.Image(shape=(8, 8, 1), dtype=np.uint16)}
+            ),
+        )
+
+    def _split_generators(self, dl_manager):
+        raise NotImplementedError
+
+    def _generate_examples(self):
+        raise NotImplementedError
+
+
+def test_non_uint8_tfds_image_feature_is_an_error_before_reading(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        ip.tfds, "builder", lambda name, data_dir=None: _Uint16Images(data_dir=data_dir)
+    )
+    with pytest.raises(ValueError, match=r"'uint16_images'.*dtype uint16"):
+        ip.dataset_info(ip.DataConfig("uint16_images", data_dir=str(tmp_path)))
+
+
 # ---------------------------------------------------------------------------
 # folder
 # ---------------------------------------------------------------------------
@@ -380,6 +627,81 @@ def test_folder_grayscale_and_split_subfolders(tmp_path):
     PIL.Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "test" / "rgb.png")
     batch = next(ip.create_eval_iterator(config, batch_size=3))
     assert batch["image"].shape == (3, 8, 8, 3)
+
+
+# Values at every rounding edge of v / 257 (k * 257 + 128 rounds down, + 129 up),
+# then a ramp over the whole 16-bit range.
+_SIXTEEN_BIT = np.concatenate(
+    [
+        [0, 1, 128, 129, 256, 257, 385, 386, 65278, 65407, 65408, 65535],
+        np.linspace(0, 65535, 52).astype(np.uint16),
+    ]
+).astype(np.uint16).reshape(8, 8)
+
+
+def _save_sixteen_bit(path, mode):
+    """Writes _SIXTEEN_BIT as a file that PIL opens in `mode`.
+
+    PIL writes 16-bit grayscale PNG (opened as "I;16"); "I;16B" needs a
+    big-endian TIFF, which PIL recognizes by content, whatever its extension.
+    """
+    image = PIL.Image.frombytes("I;16B", (8, 8), _SIXTEEN_BIT.astype(">u2").tobytes())
+    image.save(path, format="PNG" if mode == "I;16" else "TIFF")
+    with PIL.Image.open(path) as reopened:
+        assert reopened.mode == mode
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B"])
+def test_folder_sixteen_bit_grayscale_is_scaled_to_eight_bits(tmp_path, mode):
+    _save_sixteen_bit(tmp_path / "a.png", mode)
+    config = ip.DataConfig("folder", data_dir=str(tmp_path), image_size=8)
+    assert ip.dataset_info(config).image_shape == (8, 8, 1)
+    (batch,) = list(ip.create_eval_iterator(config, batch_size=1))
+    expected = np.round(_SIXTEEN_BIT / 257.0) / 127.5 - 1.0
+    np.testing.assert_allclose(batch["image"][0, :, :, 0], expected, atol=1e-6)
+    # Beside an RGB file, the split is RGB: the same gray in all three channels.
+    PIL.Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "b.png")
+    batch = next(ip.create_eval_iterator(config, batch_size=2))
+    np.testing.assert_allclose(batch["image"][0], np.repeat(expected[:, :, None], 3, -1), atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I;16L", "I;16N"])
+def test_every_sixteen_bit_mode_is_scaled_to_eight_bits(mode):
+    dtype = ">u2" if mode == "I;16B" else "<u2" if mode in ("I;16", "I;16L") else "=u2"
+    image = PIL.Image.frombytes(mode, (8, 8), _SIXTEEN_BIT.astype(dtype).tobytes())
+    pixels = np.asarray(ip._eight_bit_image(image, channels=1))
+    np.testing.assert_array_equal(pixels, np.round(_SIXTEEN_BIT / 257.0).astype(np.uint8))
+
+
+def test_folder_gray_with_alpha_is_grayscale_without_alpha(tmp_path):
+    gray = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    alpha = np.full((8, 8), 7, np.uint8)
+    PIL.Image.fromarray(np.stack([gray, alpha], -1)).save(tmp_path / "la.png")
+    config = ip.DataConfig("folder", data_dir=str(tmp_path), image_size=8)
+    assert ip.dataset_info(config).image_shape == (8, 8, 1)
+    (batch,) = list(ip.create_eval_iterator(config, batch_size=1))
+    np.testing.assert_allclose(batch["image"][0, :, :, 0], gray / 127.5 - 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode, pixels", [("I", np.int32), ("F", np.float32)])
+def test_folder_image_of_unknown_range_is_refused_by_name(tmp_path, mode, pixels):
+    PIL.Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
+    bad = tmp_path / "b.png"  # TIFF content: PNG has no 32-bit modes
+    PIL.Image.fromarray(np.full((8, 8), 70000, pixels)).save(bad, format="TIFF")
+    config = ip.DataConfig("folder", data_dir=str(tmp_path), image_size=8)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(bad))}.*'{mode}'"):
+        ip.dataset_info(config)
+    # Before any pixel is decoded.
+    with pytest.raises(ValueError, match=rf"{re.escape(str(bad))}.*'{mode}'"):
+        ip.create_eval_iterator(config, batch_size=2)
+
+
+@pytest.mark.parametrize("field", ["train_split", "eval_split"])
+def test_folder_split_slicing_is_refused(tmp_path, field):
+    with pytest.raises(ValueError, match=rf"{field}='train\[:90%\]'.*only for TFDS.*sub-folders"):
+        ip.DataConfig("folder", data_dir=str(tmp_path), **{field: "train[:90%]"})
+    # Slicing stays allowed where it works.
+    ip.DataConfig("digits", **{field: "train[:90%]"})
 
 
 def test_folder_unreadable_file_is_reported_by_path(tmp_path):
