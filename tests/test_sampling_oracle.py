@@ -186,3 +186,50 @@ def test_wrong_predictor_fails_the_oracle_check():
     )
     with pytest.raises(AssertionError):
         check_mixture(x, std_rtol=0.1)
+
+
+# ----------------------------------------------------------------------------- DDIM with 0 < eta < 1
+
+
+def test_ddim_eta_half_steps_match_song_et_al_eq_12_and_16():
+    """Every DDIM step at eta = 0.5 against Song et al. 2021 eq. 12 with sigma_t(eta) of eq. 16, in float64.
+
+    For Gaussian data x_0 ~ N(0, v I) the Bayes-optimal eps-predictor is linear,
+    E[eps | x_t] = sqrt(1 - abar_t) x_t / m_t with m_t = abar_t v + 1 - abar_t, and so is
+    x0_hat = sqrt(abar_t) v x_t / m_t. A DDIM step from row t to row s < t is then
+    x_s = A_t x_t + sigma_t z with
+      A_t = sqrt(abar_s) sqrt(abar_t) v / m_t + sqrt(1 - abar_s - sigma_t^2) sqrt(1 - abar_t) / m_t,
+      sigma_t = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s),
+    and the last step returns x0_hat. Over many independent coordinates the
+    regression slope of x_s on x_t must be A_t and the residual variance sigma_t^2.
+    """
+    v, eta, num_steps = 0.25, 0.5, 10
+    base = dj.make_schedule("linear", 1000)
+    abar = np.asarray(base.alphas_cumprod, np.float64)
+    tab = base.alphas_cumprod
+
+    def model_fn(x, t):
+        return jnp.sqrt(1.0 - tab[t])[:, None] * x / (tab[t][:, None] * v + 1.0 - tab[t][:, None])
+
+    _, trajectory = dj.sample(model_fn, base, (10000, 2), jax.random.PRNGKey(6), sampler="ddim", eta=eta,
+                              num_steps=num_steps, spacing="time", clip_denoised=False, return_trajectory=True)
+    trajectory = np.asarray(trajectory, np.float64).reshape(num_steps + 1, -1)
+    rows = np.round(np.linspace(0, 999, num_steps)).astype(int)  # the kept rows, t_0 = 0 ... t_9 = 999
+    n = trajectory.shape[1]
+    for i in range(num_steps - 1, -1, -1):
+        x_t, x_s = trajectory[num_steps - 1 - i], trajectory[num_steps - i]
+        a_t = abar[rows[i]]
+        m_t = a_t * v + 1.0 - a_t
+        if i == 0:  # the last step: x0_hat, no noise
+            np.testing.assert_allclose(x_s, np.sqrt(a_t) * v / m_t * x_t, rtol=1e-4, atol=1e-5)
+            continue
+        a_s = abar[rows[i - 1]]
+        sigma = eta * np.sqrt((1.0 - a_s) / (1.0 - a_t)) * np.sqrt(1.0 - a_t / a_s)
+        slope = np.sqrt(a_s) * np.sqrt(a_t) * v / m_t + np.sqrt(1.0 - a_s - sigma**2) * np.sqrt(1.0 - a_t) / m_t
+        assert sigma > 1e-3  # 5e-3 at the step into row 0 (1 - abar_0 = 1e-4), 0.47 at the first
+        # Least-squares slope (standard error sigma / |x_t|) and residual variance
+        # (relative standard error sqrt(2 / n) = 1%), each within 5 standard errors.
+        slope_hat = np.dot(x_s, x_t) / np.dot(x_t, x_t)
+        assert abs(slope_hat - slope) < 5 * sigma / np.linalg.norm(x_t) + 1e-5, (i, slope_hat, slope)
+        residual_var = np.mean((x_s - slope * x_t) ** 2)
+        assert abs(residual_var / sigma**2 - 1.0) < 5 * np.sqrt(2.0 / n), (i, residual_var, sigma**2)

@@ -9,6 +9,7 @@ multi-head self-attention.
 import dataclasses
 import functools
 import math
+import re
 
 import chex
 import flax.linen as nn
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax.models import UNet, UNetConfig, timestep_embedding
-from diffusion_jax.models.unet import AttnBlock, _DenseParts, attention
+from diffusion_jax.models.unet import AttnBlock, ResBlock, _DenseParts, attention
 
 # A small config that still has two levels, attention at 8x8 and a skip stack.
 SMALL = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.1)
@@ -290,14 +291,60 @@ def test_unet_with_our_attention_equals_jax_attention(head_channels):
 # ----------------------------------------------------------------------------- forward pass
 
 
-def test_fresh_network_outputs_exactly_zero():
-    # conv_out is zero-initialised (weights and bias), so the output is exactly 0.
-    config = UNetConfig(**SMALL)
+def _fresh_params_output_and_block_calls(config, key, x, t):
+    """A fresh ``init``'s parameters, the network's output with them, and
+    ``(name, input, output)`` of every ResBlock and AttnBlock call in that forward pass."""
+    calls = []
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if isinstance(context.module, (ResBlock, AttnBlock)) and context.method_name == "__call__":
+            calls.append((context.module.name, args[0], out))
+        return out
+
+    def run(key):  # one compilation for init and apply
+        params = UNet(config).init(key, x, t, train=False)["params"]
+        with nn.intercept_methods(record):
+            out = UNet(config).apply({"params": params}, x, t, train=False)
+        return params, out, [(a, b) for _, a, b in calls]
+
+    params, out, arrays = jax.jit(run)(key)
+    return params, out, [(name, np.asarray(a), np.asarray(b)) for (name, _, _), (a, b) in zip(calls, arrays)]
+
+
+def test_fresh_network_blocks_are_identities_and_output_is_zero():
+    # Ho et al. 2020 (diffusion_tf/models/unet.py) initialise three layers with
+    # init_scale=0: each residual block's second conv ("conv2"), each attention
+    # block's output projection ("proj_out") and the final conv ("conv_out"). So a
+    # fresh network outputs exactly 0, and every block is the identity on its input
+    # (attention), or on its shortcut path: the input resampled like the block
+    # (average pooling / nearest-neighbour repeat) and projected by "nin_shortcut"
+    # where the width changes. ADM's resampling blocks cover all three kinds of
+    # residual block (plain, down, up).
+    config = UNetConfig(**SMALL, resblock_updown=True)
     x, t, _ = _inputs(jax.random.key(0))
-    variables = jax.jit(lambda k: UNet(config).init(k, x, t, train=False))(jax.random.key(1))
-    out = _apply_fn(config)(variables["params"], x, t)
+    params, out, calls = _fresh_params_output_and_block_calls(config, jax.random.key(1), x, t)
+    zero_init = {"conv2", "proj_out", "conv_out"}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if path[-2].key in zero_init:
+            assert not np.any(np.asarray(leaf)), f"{jax.tree_util.keystr(path)} is not zero-initialised"
     assert out.dtype == jnp.float32
     assert np.all(np.asarray(out) == 0.0)
+    blocks = {n for n in params if "block" in n or "attn" in n or "sample" in n}
+    assert sorted(name for name, _, _ in calls) == sorted(blocks)
+    for name, block_in, block_out in calls:
+        shortcut = np.asarray(block_in, np.float64)
+        if name.endswith("_downsample"):
+            b, h, w, c = shortcut.shape
+            shortcut = shortcut.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+        elif name.endswith("_upsample"):
+            shortcut = shortcut.repeat(2, axis=1).repeat(2, axis=2)
+        if "nin_shortcut" in params[name]:
+            nin = params[name]["nin_shortcut"]
+            shortcut = shortcut @ np.asarray(nin["kernel"], np.float64) + np.asarray(nin["bias"], np.float64)
+        assert block_out.shape == shortcut.shape, name
+        assert np.abs(block_out).max() > 0.1, name
+        np.testing.assert_allclose(block_out, shortcut, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 @pytest.mark.parametrize("options", [
@@ -313,8 +360,11 @@ def test_output_shape_dtype_finite_and_depends_on_x_and_t(options):
     chex.assert_type(out, jnp.float32)
     chex.assert_tree_all_finite(out)
     assert np.abs(np.asarray(out)).mean() > 1e-3
-    assert not np.allclose(apply(params, x, t + 1), out, atol=1e-5), "output ignores t"
-    assert not np.allclose(apply(params, x[::-1], t), out[::-1], atol=1e-5), "output ignores x"
+    # Each input alone: the other one held fixed.
+    assert not np.allclose(apply(params, x, (t + 1) % 1000), out, atol=1e-5), "output ignores t"
+    assert not np.allclose(apply(params, -x, t), out, atol=1e-5), "output ignores x"
+    # Examples are processed independently: reversing the batch reverses the output.
+    np.testing.assert_allclose(apply(params, x[::-1], t[::-1]), out[::-1], rtol=1e-5, atol=1e-5)
 
 
 def test_class_conditioning_with_null_label():
@@ -336,6 +386,12 @@ def test_class_conditioning_with_null_label():
         UNet(UNetConfig(**SMALL)).apply({"params": params}, x, t, y, train=False)
 
 
+def _matmul_operand_dtypes(lowered_text):
+    """``(op, lhs dtype, rhs dtype)`` of every convolution and dot_general in StableHLO text."""
+    pattern = r"stablehlo\.(convolution|dot_general).*: \(tensor<[0-9x]*x(\w+)>, tensor<[0-9x]*x(\w+)>\)"
+    return [m.groups() for m in map(functools.partial(re.search, pattern), lowered_text.splitlines()) if m]
+
+
 def test_bfloat16_compute_matches_float32():
     f32 = UNetConfig(**SMALL)
     bf16 = UNetConfig(**SMALL, dtype="bfloat16")
@@ -349,9 +405,23 @@ def test_bfloat16_compute_matches_float32():
     assert out.dtype == jnp.float32
     # bfloat16 keeps 8 significant bits (relative rounding 2**-9 ~ 0.2%); through ~20
     # layers the error grows to about 1% of the output's norm (measured 1.0%), far
-    # below what a dtype mix-up (e.g. bf16 GroupNorm statistics gone wrong) gives.
+    # below what a dtype mix-up (e.g. bf16 GroupNorm statistics gone wrong) gives,
+    # and far above float32 rounding: an error under 0.1% means no bfloat16 compute.
     rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
-    assert rel < 0.03, rel
+    assert 1e-3 < rel < 0.03, rel
+
+    # The compiled computation itself: with dtype="bfloat16" every convolution takes
+    # bfloat16 operands, and so does at least one matmul per 2-D (Dense) kernel; the
+    # float32 network has none.
+    ops32 = _matmul_operand_dtypes(_apply_fn(f32).lower(params, x, t).as_text())
+    ops16 = _matmul_operand_dtypes(_apply_fn(bf16).lower(params, x, t).as_text())
+    num_convs = sum(op == "convolution" for op, _, _ in ops32)
+    num_dense = sum(a.ndim == 2 for a in jax.tree.leaves(params))
+    assert num_convs >= 8 and num_dense >= 8
+    assert all((lhs, rhs) == ("f32", "f32") for _, lhs, rhs in ops32)
+    bf16_ops = [op for op, lhs, rhs in ops16 if (lhs, rhs) == ("bf16", "bf16")]
+    assert bf16_ops.count("convolution") == num_convs
+    assert bf16_ops.count("dot_general") >= num_dense
 
 
 def test_dropout_only_in_training():
