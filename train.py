@@ -8,7 +8,6 @@
 Any config field can be overridden: --config.batch_size=64 --config.model.ch=64.
 """
 import logging
-import os
 import sys
 
 from absl import app
@@ -56,7 +55,7 @@ def _default_cpu_devices(batch_size) -> int:
     where the batch size is bad: the config validation that runs next reports
     that, naming the field.
     """
-    if any(os.environ.get(var) for var in (*parallel.DISTRIBUTED_ENV_VARS, "JAX_NUM_PROCESSES")):
+    if parallel.launched_as_multi_process():
         return 1
     try:
         return parallel.cpu_devices_for(batch_size, parallel.usable_cpu_cores())

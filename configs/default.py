@@ -43,8 +43,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Probability of replacing a label with the null class during training,
     # for classifier-free guidance (Ho & Salimans 2022). Needs model.num_classes.
     config.cond_drop_rate = 0.0
-    # jax.distributed.initialize: True, False, or "auto" (when a multi-process
-    # launcher's environment variables are present, e.g. JAX_COORDINATOR_ADDRESS).
+    # jax.distributed.initialize: "true", "false", or "auto": when a launcher's
+    # environment says the job has several processes (JAX_COORDINATOR_ADDRESS,
+    # SLURM_NTASKS > 1, ...; parallel.launched_as_multi_process). A string, so
+    # that --config.distributed=false works; True and False work in Python.
     config.distributed = "auto"
     # Compute dtype of the UNet: "float32" or "bfloat16" (params stay float32).
     config.compute_dtype = "float32"

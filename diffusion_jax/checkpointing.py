@@ -65,6 +65,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from diffusion_jax import _files
 from diffusion_jax._checks import as_step
 
 logger = logging.getLogger(__name__)
@@ -102,9 +103,12 @@ class Checkpointer:
         ckpt.close()
 
     Save semantics: ``save(step, ...)`` writes a checkpoint when ``force`` is
-    true or ``step % save_interval_steps == 0`` (or when JAX reports a
-    preemption sync point), and ``step`` is newer than every step already in the
-    directory. An existing step is never overwritten. Writing happens in the
+    true or ``step % save_interval_steps == 0``, and ``step`` is newer than
+    every step already in the directory. Preemption is the caller's: stop where
+    ``parallel.reached_preemption_sync_point`` says, then ``save(..., force=True)``
+    (Orbax's own preemption policy is left out: it would report the step to
+    JAX's preemption service as well, and the service's one counter per process
+    must be fed one sequence of numbers, or the processes miss the stop point). An existing step is never overwritten. Writing happens in the
     background (``async_save=True``); the state is copied to host memory before
     ``save`` returns, so the caller may donate or change it afterwards. The data
     iterator's position is read synchronously in ``save``.
@@ -165,12 +169,7 @@ class Checkpointer:
             registry.add(name, restore_args, handler)
         policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(
-            save_decision_policy=policies.AnySavePolicy(
-                [
-                    policies.FixedIntervalPolicy(save_interval_steps),
-                    policies.PreemptionCheckpointingPolicy(),
-                ]
-            ),
+            save_decision_policy=policies.FixedIntervalPolicy(save_interval_steps),
             preservation_policy=policies.LatestN(max_to_keep),
             create=not read_only,
             read_only=read_only,
@@ -180,7 +179,7 @@ class Checkpointer:
             enable_async_checkpointing=True,
             async_options=ocp.AsyncOptions(post_finalization_callback=self._write_checksums_before_commit),
         )
-        self._manager = ocp.CheckpointManager(self._directory, options=options, handler_registry=registry)
+        self._manager = _CheckpointManager(self._directory, options=options, handler_registry=registry)
 
     @property
     def directory(self) -> epath.Path:
@@ -192,6 +191,17 @@ class Checkpointer:
         This lists folders only; the step's files are verified by ``restore``.
         """
         return self._manager.latest_step()
+
+    def saved_config(self, step: int | None = None) -> dict[str, Any] | None:
+        """The run config stored with ``step`` (default: the newest), or None if it has none."""
+        step = self.latest_step() if step is None else as_step(step)
+        if step is None:
+            return None
+        path = self._step_dir(step) / _CONFIG / "metadata"
+        if not path.exists():
+            return None
+        config = json.loads(path.read_text())
+        return config if isinstance(config, dict) else None
 
     def all_steps(self) -> list[int]:
         """All finalized steps in the directory, oldest first."""
@@ -276,7 +286,10 @@ class Checkpointer:
             from ``jax.eval_shape``). Restored arrays get each leaf's sharding;
             leaves without one go to the first device (single-process only).
           data_iterator: a grain iterator; its position is set in place to the
-            restored step's (this process's file).
+            restored step's (this process's file). An iterator whose position is
+            the same on every process (``state_is_global = True``, as the train
+            iterator of ``input_pipeline``) also restores from a step saved by
+            another number of processes.
           step: restore exactly this step instead of the newest; if it is
             damaged it is reported and moved aside as above, and no other step is
             tried.
@@ -289,7 +302,8 @@ class Checkpointer:
           CheckpointNotFoundError: no step (or not ``step``) exists, or every step
             failed verification.
           ValueError: the template's leaves (paths, shapes, dtypes) differ from the
-            checkpoint's, or ``data_iterator`` is given but the step saved none.
+            checkpoint's, or ``data_iterator`` is given but the step saved none,
+            or saved per-process positions for another number of processes.
         """
         _check_iterator(data_iterator)
         target = _abstract_target(state_template)
@@ -326,9 +340,14 @@ class Checkpointer:
                 raise ValueError(f"A data iterator was given, but checkpoint {step_dir} holds no data iterator state.")
             _check_template_matches(target, self._manager.item_metadata(candidate)[_STATE], step_dir)
             items = {_STATE: ocp.args.StandardRestore(target)}
+            global_position = None
             if data_iterator is not None:
-                items[_DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+                global_position = _global_position_from_other_process_count(step_dir, data_iterator)
+                if global_position is None:
+                    items[_DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
             restored = self._manager.restore(candidate, args=ocp.args.Composite(**items))
+            if global_position is not None:
+                data_iterator.set_state(global_position)
             if skipped:
                 logger.warning(
                     "Restored step %d from %s after skipping %d damaged step(s).",
@@ -398,6 +417,24 @@ class Checkpointer:
         self._manager.reload()
 
 
+class _CheckpointManager(ocp.CheckpointManager):
+    """Orbax's manager, kept away from JAX's preemption service.
+
+    Orbax asks ``multihost_utils.reached_preemption_sync_point(step)`` in every
+    ``should_save`` and ``save``. The service keeps one counter per process and
+    stops the job at (the highest number any process reported) + 1, exactly;
+    the trainer reports its count of device calls there, which differs from
+    the step after a resume or with several steps per call, so Orbax's reports
+    would move the stop point to a number the trainer's count reaches only
+    much later, or never. The caller decides about preemption (see
+    :class:`Checkpointer`).
+    """
+
+    def reached_preemption(self, step: int) -> bool:
+        del step
+        return False
+
+
 def save_config(directory: os.PathLike | str, config_dict: Mapping[str, Any]):
     """Writes ``config_dict`` to ``<directory>/config.json`` (primary process).
 
@@ -412,11 +449,7 @@ def save_config(directory: os.PathLike | str, config_dict: Mapping[str, Any]):
     text = json.dumps(_config_as_json_dict(config_dict), indent=2, sort_keys=True)
     if jax.process_index() != 0:
         return
-    directory = epath.Path(_absolute(directory))
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f"{CONFIG_FILENAME}.tmp-{os.getpid()}"
-    tmp.write_text(text + "\n")
-    os.replace(os.fspath(tmp), os.fspath(directory / CONFIG_FILENAME))  # atomic, and overwrites
+    _files.write_file(epath.Path(_absolute(directory)) / CONFIG_FILENAME, text + "\n")
 
 
 def load_config(directory: os.PathLike | str) -> dict[str, Any]:
@@ -436,6 +469,33 @@ def load_config(directory: os.PathLike | str) -> dict[str, Any]:
 def _absolute(directory: os.PathLike | str) -> str:
     directory = os.fspath(directory)
     return directory if "://" in directory else os.path.abspath(directory)
+
+
+def _global_position_from_other_process_count(step_dir: epath.Path, data_iterator: Any) -> dict | None:
+    """The data position to restore when the step was saved by another number of processes.
+
+    None when this process's own file (``process_<i>-of-<n>.json``) is there:
+    grain's handler restores it. Otherwise the saved positions can only be
+    used by an iterator whose position is global (``state_is_global``: the
+    same on every process, as ``input_pipeline.create_train_iterator``'s),
+    which takes any process's file.
+
+    Raises:
+      ValueError: the step was saved by another number of processes and the
+        iterator's position is per process.
+    """
+    data_dir = step_dir / _DATA
+    own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if (data_dir / own).exists():
+        return None
+    saved = sorted(p.name for p in data_dir.glob("process_*-of-*.json"))
+    if not getattr(data_iterator, "state_is_global", False):
+        raise ValueError(
+            f"Checkpoint {step_dir} holds the data positions of another number of processes ({saved}; "
+            f"this is {own[:-5]}), and this data iterator's position is per process, so it cannot be "
+            "restored here. Resume with the process count that saved it."
+        )
+    return json.loads((data_dir / saved[0]).read_text())
 
 
 def _check_iterator(data_iterator: Any) -> None:

@@ -12,6 +12,7 @@ they are actually written or printed.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import sys
@@ -23,6 +24,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from diffusion_jax import _files
 from diffusion_jax._checks import as_step
 
 _IMAGE_CHANNELS = (1, 3, 4)
@@ -236,15 +238,13 @@ def image_grid(images: Any, *, ncols: int | None = None, padding: int = 1) -> np
 def save_png(path: os.PathLike | str, grid: np.ndarray) -> None:
     """Writes a uint8 ``[H, W, C]`` image (C in 1, 3, 4) as a PNG file.
 
-    Creates the parent folder. C=1 is written as 8-bit greyscale.
+    Creates the parent folder; ``path`` may be local or a URL (``gs://...``,
+    through ``etils.epath``). C=1 is written as 8-bit greyscale.
     """
     grid = _check_uint8_image(np.asarray(grid), "grid")
-    path = os.fspath(path)
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    image.save(path, format="PNG")
+    buffer = io.BytesIO()
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buffer, format="PNG")
+    _files.write_file(path, buffer.getvalue())
 
 
 def _scalar(value: Any, name: str) -> float:

@@ -27,16 +27,39 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
 
-# Environment variables by which a launcher (or a cluster that JAX detects on
-# its own, e.g. SLURM or a Cloud TPU pod) says that this is one process of a
-# multi-process job.
-DISTRIBUTED_ENV_VARS = (
-    "JAX_COORDINATOR_ADDRESS",
-    "SLURM_NTASKS",
-    "OMPI_COMM_WORLD_SIZE",
-    "TPU_WORKER_HOSTNAMES",
-    "MEGASCALE_COORDINATOR_ADDRESS",
-)
+def launched_as_multi_process() -> bool:
+    """Whether a launcher's environment says this is one process of a job of several.
+
+    A coordinator address (``JAX_COORDINATOR_ADDRESS``, ``MEGASCALE_COORDINATOR_ADDRESS``),
+    or more than one task (``SLURM_NTASKS``, ``OMPI_COMM_WORLD_SIZE``,
+    ``JAX_NUM_PROCESSES``) or TPU host (``TPU_WORKER_HOSTNAMES``). A one-task
+    SLURM allocation (``SLURM_NTASKS=1``, as ``srun`` sets inside any
+    allocation) is not.
+    """
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return True
+    for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_NUM_PROCESSES"):
+        try:
+            if int(env.get(name) or 0) > 1:
+                return True
+        except ValueError:  # not a number: not ours to judge; jax.distributed would say
+            return True
+    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    return len(hosts) > 1
+
+
+def distributed_setting(value: bool | str) -> bool | str:
+    """``config.distributed`` as True, False or "auto".
+
+    Accepts the booleans and the strings "true", "false" and "auto" in any
+    case (a command line gives ``--config.distributed=false`` as a string).
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false", "auto"):
+        return {"true": True, "false": False, "auto": "auto"}[value.lower()]
+    raise ValueError(f"must be True, False or 'auto' (or the strings 'true', 'false'), got {value!r}")
 
 
 def maybe_initialize_distributed(enabled: bool | str) -> bool:
@@ -49,17 +72,19 @@ def maybe_initialize_distributed(enabled: bool | str) -> bool:
       enabled: ``True`` always initializes (from ``JAX_COORDINATOR_ADDRESS``,
         ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``, or from a cluster that
         JAX detects: SLURM, Open MPI, Cloud TPU, Kubernetes);
-        ``False`` never does; ``"auto"`` initializes when one of
-        the environment variables a multi-process launcher sets is present.
+        ``False`` never does; ``"auto"`` initializes when
+        :func:`launched_as_multi_process`. The strings "true" and "false"
+        (any case) mean the booleans.
 
     Returns:
       Whether ``jax.distributed.initialize`` was called.
     """
-    if enabled not in (True, False, "auto"):
-        raise ValueError(
-            f"config.distributed must be True, False or 'auto', got {enabled!r}")
+    try:
+        enabled = distributed_setting(enabled)
+    except ValueError as e:
+        raise ValueError(f"config.distributed {e}") from None
     if enabled == "auto":
-        enabled = any(os.environ.get(name) for name in DISTRIBUTED_ENV_VARS)
+        enabled = launched_as_multi_process()
     if not enabled:
         return False
     if jax.distributed.is_initialized():

@@ -145,6 +145,27 @@ def test_save_interval_keep_n_and_latest_step(tmp_path):
         assert float(ckpt.restore(template, step=9)["x"]) == 9.0
 
 
+def test_saving_never_reports_to_the_preemption_service(tmp_path, monkeypatch):
+    """JAX's preemption service stops every process at (the highest number reported) + 1,
+    exactly, so one caller must feed it one sequence: the trainer, with its count of
+    calls. Orbax's manager would report each saved step there as well."""
+    from jax.experimental import multihost_utils
+
+    reported = []
+
+    def record(step):
+        reported.append(step)
+        return False
+
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", record)
+    with Checkpointer(tmp_path, save_interval_steps=2) as ckpt:
+        saved = [s for s in range(1, 6) if ckpt.save(s, {"x": jnp.float32(s)})]
+        assert ckpt.save(7, {"x": jnp.float32(7)}, force=True)
+        ckpt.wait_until_finished()
+    assert saved == [2, 4]
+    assert reported == []
+
+
 def test_existing_or_older_steps_are_never_overwritten(tmp_path, caplog):
     with Checkpointer(tmp_path, max_to_keep=None) as ckpt:
         ckpt.save(4, {"x": jnp.float32(4)})
@@ -484,3 +505,30 @@ def test_two_processes_share_one_checkpoint_directory(tmp_path):
         "process_0-of-2.json",
         "process_1-of-2.json",
     ]
+
+    # Resumed by one process: the data positions were saved per process by two.
+    template = {"x": jax.ShapeDtypeStruct((8, 3), np.float32)}
+    with Checkpointer(tmp_path, read_only=True) as ckpt:
+        # A per-process position (grain's own iterator) cannot be carried over ...
+        with pytest.raises(ValueError, match=r"another number of processes.*process_0-of-2.*process_0-of-1"):
+            ckpt.restore(template, data_iterator=_batches())
+        # ... a global one (the same on every process, e.g. the train iterator's) can.
+        position = _GlobalPosition()
+        restored = ckpt.restore(template, data_iterator=position)
+    np.testing.assert_array_equal(np.asarray(restored["x"]), full)
+    assert position.state == json.loads((tmp_path / "1" / "data" / "process_0-of-2.json").read_text())
+
+
+class _GlobalPosition:
+    """A data iterator whose position is the same on every process; records what it is set to."""
+
+    state_is_global = True
+
+    def __init__(self):
+        self.state = None
+
+    def get_state(self):
+        return self.state
+
+    def set_state(self, state):
+        self.state = state

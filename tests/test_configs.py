@@ -1,11 +1,13 @@
 """Every config in configs/ loads and validates; bad fields give errors naming them."""
 import importlib
+import math
 import os
 import pathlib
 
 import pytest
 
 from configs import default
+from diffusion_jax import parallel
 from diffusion_jax.training import trainer
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -156,6 +158,74 @@ def test_bad_values(field, value, match):
         section, _, leaf = field.rpartition(".")
         (c[section] if section else c)[leaf] = value
     _bad(mutate, match, device_count=8)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("optim.grad_clip", math.nan), ("optim.grad_clip", math.inf),
+    ("optim.weight_decay", math.nan), ("optim.weight_decay", math.inf),
+    ("optim.eps", math.inf), ("optim.learning_rate", math.inf), ("optim.learning_rate", math.nan),
+    ("diffusion.vlb_weight", math.inf), ("diffusion.vlb_weight", math.nan),
+    ("diffusion.min_snr_gamma", math.nan), ("diffusion.min_snr_gamma", math.inf),
+    ("ema_decay", math.nan), ("sample.guidance_scale", math.inf),
+])
+def test_non_finite_numbers_are_rejected(field, value):
+    """NaN and infinity pass `x >= 0`-style checks one way or the other; each is named."""
+    def mutate(c):
+        section, _, leaf = field.rpartition(".")
+        (c[section] if section else c)[leaf] = value
+    section, _, leaf = field.rpartition(".")
+    # The optimizer's own checks name the section and the field.
+    _bad(mutate, rf"config\.{section}.*{leaf}.*finite" if section == "optim" else rf"config\.{field}.*finite")
+
+
+def test_seed_must_fit_the_prng_key():
+    def mutate(c):
+        c.seed = 2**32  # jax.random.PRNGKey(2**32) equals PRNGKey(0)
+    _bad(mutate, r"config\.seed.*2\*\*32")
+    config = _load("cifar10")
+    config.seed = 2**32 - 1
+    trainer.validate_config(config, device_count=1)
+
+
+@pytest.mark.parametrize("value,expected", [
+    (True, True), (False, False), ("auto", "auto"), ("false", False), ("False", False), ("TRUE", True),
+])
+def test_distributed_accepts_booleans_and_their_strings(value, expected):
+    config = _load("cifar10")
+    with config.unlocked():
+        del config["distributed"]
+        config.distributed = value  # a fresh field: a bool is allowed where a config file sets one
+    trainer.validate_config(config, device_count=1)
+    assert parallel.distributed_setting(value) == expected
+
+
+def test_distributed_from_the_command_line():
+    """ml_collections keeps the field's type (str): `--config.distributed=false` arrives as 'false'."""
+    config = _load("cifar10")
+    config.distributed = "false"
+    trainer.validate_config(config, device_count=1)
+    assert parallel.maybe_initialize_distributed(config.distributed) is False
+    _bad(lambda c: setattr(c, "distributed", "maybe"), r"config\.distributed.*'maybe'")
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, False),
+    ({"SLURM_NTASKS": "1"}, False),  # srun inside any allocation sets it
+    ({"SLURM_NTASKS": "4"}, True),
+    ({"OMPI_COMM_WORLD_SIZE": "1"}, False),
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, True),
+    ({"JAX_NUM_PROCESSES": "2"}, True),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True),
+    ({"TPU_WORKER_HOSTNAMES": "10.0.0.1"}, False),
+    ({"TPU_WORKER_HOSTNAMES": "10.0.0.1,10.0.0.2"}, True),
+])
+def test_auto_distributed_needs_more_than_one_process(monkeypatch, env, expected):
+    for name in ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS",
+                 "OMPI_COMM_WORLD_SIZE", "JAX_NUM_PROCESSES", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert parallel.launched_as_multi_process() is expected
 
 
 def test_learned_variance_needs_a_loss_that_trains_it():

@@ -69,6 +69,14 @@ _DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS
 # =============================================================================
 
 
+def _position_after(step: int) -> dict:
+    """The train iterator's saved position after ``step`` steps of the tiny config: the
+    examples consumed by the whole job (batch 16, seed 0, digits' 1500 training images)."""
+    config = _reliability_helpers.get_config()
+    assert (config.batch_size, config.seed, config.data.train_split) == (16, 0, "train")
+    return {"next_example": 16 * step, "global_batch_size": 16, "seed": 0, "split_length": 1500}
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """The child processes' environment: 2 CPU devices, one shared XLA cache."""
@@ -268,7 +276,7 @@ def test_signal_stops_after_the_step_in_flight_with_a_checkpoint_and_resumes(
     # A consistent state: `stopped` whole steps taken, `stopped` batches consumed.
     leaves, data = _saved(workdir, stopped)
     assert int(leaves["['step']"]) == stopped
-    assert data == {"process_0-of-1.json": {"next_index": stopped}}
+    assert data == {"process_0-of-1.json": _position_after(stopped)}
 
     restart = _run(cmd, env)
     _ok(restart.returncode, restart.stderr)
@@ -348,8 +356,12 @@ def test_nonfinite_updates_are_skipped_counted_and_stop_the_run(straight, data_d
         "log_every_steps": 1}), env)
     assert proc.returncode != 0
     assert "FloatingPointError" in proc.stderr
-    assert (f"Stopping at step {2 * N + k}: the last {k} updates had a NaN/Inf" in proc.stderr
+    assert (f"Stopping at step {2 * N + k}: the last {k} updates were skipped because the loss, the "
+            "gradient or the update was NaN/Inf" in proc.stderr
             and f"max_consecutive_nonfinite={k}" in proc.stderr), proc.stderr[-3000:]
+    # The loss and gradient were finite: the message shows them, so the update is to blame.
+    match = re.search(r"the last step's loss (\S+), gradient norm (\S+): if both are finite", proc.stderr)
+    assert match and all(np.isfinite(float(v)) for v in match.groups()), proc.stderr[-3000:]
     assert f"The last good checkpoint, step {2 * N}, is kept" in proc.stderr
 
     # Counted in the metrics at every log step.
@@ -361,6 +373,15 @@ def test_nonfinite_updates_are_skipped_counted_and_stop_the_run(straight, data_d
     assert max(s for s in scalars["train/loss"]) == 2 * N + k
     # Nothing was saved, deleted or changed.
     assert _file_hashes(_checkpoint_dir(workdir)) == before
+
+    # From the first step, before any checkpoint: the message says there is none.
+    fresh = tmp_path / "fresh"
+    proc = _run(_train_py(fresh, data_dir, {
+        "num_train_steps": 4 * N, "optim.learning_rate": 1e30, "max_consecutive_nonfinite": 2,
+        "log_every_steps": 1, "optim.warmup_steps": 0}), env)
+    assert proc.returncode != 0
+    assert "Stopping at step 2: the last 2 updates were skipped" in proc.stderr, proc.stderr[-3000:]
+    assert "No checkpoint had been written yet." in proc.stderr
 
 
 # The training loop, instrumented: `_value` is the property through which every
@@ -573,7 +594,7 @@ def test_two_processes_of_two_devices_train_like_one_process_of_four(data_dir, e
     assert sorted(os.listdir(_checkpoint_dir(job))) == [str(m), str(2 * m)]
     for step in (m, 2 * m):
         leaves, data = _saved(job, step)
-        assert data == {f"process_{p}-of-2.json": {"next_index": step} for p in (0, 1)}
+        assert data == {f"process_{p}-of-2.json": _position_after(step) for p in (0, 1)}
         want, _ = _saved(reference, step)
         assert leaves.keys() == want.keys()
         for name, value in want.items():
@@ -640,7 +661,7 @@ def test_configs_and_data_positions_beside_checkpoints_are_plain_json(straight, 
     for step in (N, 2 * N):
         step_dir = _checkpoint_dir(straight) / str(step)
         assert json.loads((step_dir / "config" / "metadata").read_text()) == expected
-        assert json.loads((step_dir / "data" / "process_0-of-1.json").read_text()) == {"next_index": step}
+        assert json.loads((step_dir / "data" / "process_0-of-1.json").read_text()) == _position_after(step)
 
 
 # =============================================================================
@@ -657,7 +678,8 @@ def _devices_in_log(stderr: str) -> int:
 @pytest.mark.parametrize("xla_flags,flag,extra_env,want", [
     ("", "--cpu_devices=4", {}, 4),                                       # asked for
     ("", None, {}, "auto"),                                               # one per core, dividing the batch of 16
-    ("", None, {"JAX_NUM_PROCESSES": "1"}, 1),                            # a multi-process launcher: no split
+    ("", None, {"JAX_NUM_PROCESSES": "2"}, 1),                            # a multi-process launcher: no split
+    ("", None, {"SLURM_NTASKS": "1"}, "auto"),                            # one task: a single-process job
     ("--xla_force_host_platform_device_count=1", "--cpu_devices=4", {}, 1),  # XLA_FLAGS wins, with a warning
 ])
 def test_train_py_splits_the_cpu_into_devices(data_dir, env, tmp_path, xla_flags, flag, extra_env, want):
@@ -666,7 +688,10 @@ def test_train_py_splits_the_cpu_into_devices(data_dir, env, tmp_path, xla_flags
         if cores < 2:
             pytest.skip("one core: the default split is no split")
         want = max(d for d in range(1, cores + 1) if 16 % d == 0)
-    proc = _run(_train_py(tmp_path / "run", data_dir, {"num_train_steps": 2}, flags=[flag] if flag else []),
+    overrides = {"num_train_steps": 2}
+    if "JAX_NUM_PROCESSES" in extra_env:  # the launcher's variable alone, without a job to join
+        overrides["distributed"] = "false"
+    proc = _run(_train_py(tmp_path / "run", data_dir, overrides, flags=[flag] if flag else []),
                 dict(env, XLA_FLAGS=xla_flags, **extra_env))
     _ok(proc.returncode, proc.stderr)
     assert _devices_in_log(proc.stderr) == want

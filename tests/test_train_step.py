@@ -202,6 +202,31 @@ def test_learning_rate_warmup_and_cosine_by_hand():
     assert isinstance(tx, optax.GradientTransformation)
 
 
+def test_clipping_on_or_off_keeps_the_optimizer_state_structure():
+    """So a run resumes with optim.grad_clip changed; without clipping the update is Adam's alone."""
+    params = {"w": jnp.array([3.0, -4.0]), "b": jnp.array(0.5)}
+    grads = {"w": jnp.array([30.0, -40.0]), "b": jnp.array(0.0)}  # global norm 50
+    clipped, _ = make_optimizer(OptimConfig(learning_rate=1e-2, warmup_steps=0, grad_clip=1.0))
+    plain, _ = make_optimizer(OptimConfig(learning_rate=1e-2, warmup_steps=0, grad_clip=None))
+    zero, _ = make_optimizer(OptimConfig(learning_rate=1e-2, warmup_steps=0, grad_clip=0.0))
+    structures = {jax.tree.structure(tx.init(params)) for tx in (clipped, plain, zero)}
+    assert len(structures) == 1
+    reference = optax.adamw(1e-2, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+    want, _ = reference.update(grads, reference.init(params), params)
+    for tx in (plain, zero):
+        got, _ = tx.update(grads, tx.init(params), params)
+        jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6), got, want)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("learning_rate", float("inf")), ("learning_rate", float("nan")), ("grad_clip", float("nan")),
+    ("grad_clip", float("inf")), ("weight_decay", float("nan")), ("eps", float("inf")),
+])
+def test_optim_config_rejects_non_finite_numbers(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be a finite number"):
+        OptimConfig(**{field: value})
+
+
 def test_optim_config_rejects_bad_values():
     with pytest.raises(ValueError, match="decay"):
         OptimConfig(decay="linear")

@@ -6,6 +6,7 @@ simulated CPU devices, so they are marked slow.
 import glob
 import json
 import os
+import shutil
 import signal
 import struct
 import threading
@@ -209,6 +210,42 @@ def test_several_steps_per_call_resume_between_calls_and_match_one_step_per_call
         want = model.apply({"params": getattr(straight, name)}, x, t, train=False)
         got = model.apply({"params": getattr(resumed, name)}, x, t, train=False)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-4, err_msg=name)
+
+
+def test_evaluating_under_another_model_or_diffusion_config_is_an_error(digits_run, monkeypatch):
+    """The bound and the samples are only right under the settings the parameters were
+    trained with; the error names each differing field, before anything compiles."""
+    config, workdir, _ = digits_run
+    config = config.copy_and_resolve_references()
+    config.diffusion.num_timesteps = 40
+    config.model.ch_mult = (1, 1)
+    monkeypatch.setattr(trainer._Job, "nll_program", lambda *a, **k: pytest.fail("compiled"))
+    with pytest.raises(ValueError, match=r"diffusion\.num_timesteps 50 -> 40.*model\.ch_mult \[1, 2\] -> \[1, 1\]"):
+        trainer.evaluate(config, workdir)
+    with pytest.raises(ValueError, match=r"diffusion\.num_timesteps 50 -> 40"):
+        trainer.sample(config, workdir, num_images=2)
+
+
+def test_resuming_with_changed_fields_warns_naming_them_and_records_the_new_config(digits_run, tmp_path, caplog):
+    config, workdir, _ = digits_run
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    config = _training_only(config, num_train_steps=61, batch_size=16, log_every_steps=1)
+    config.optim.learning_rate = 1e-3
+
+    # A change that makes the checkpoint unreadable names the fields too.
+    wider = config.copy_and_resolve_references()
+    wider.model.ch = 64
+    with pytest.raises(ValueError, match=r"differs from the checkpoint's in: .*model\.ch 32 -> 64"):
+        trainer.train_and_evaluate(wider, copy)
+
+    with caplog.at_level("WARNING", logger=trainer.logger.name):
+        assert int(trainer.train_and_evaluate(config, copy).step) == 61
+    warning = next(r.getMessage() for r in caplog.records if "differs from the checkpoint's" in r.getMessage())
+    assert "batch_size 32 -> 16" in warning and "optim.learning_rate 0.002 -> 0.001" in warning
+    # Operational fields (how long, how often) are not reported; the decay is constant here.
+    assert "num_train_steps" not in warning and "log_every_steps" not in warning
+    assert checkpointing.load_config(copy)["batch_size"] == 16
 
 
 def test_evaluate_without_a_checkpoint_is_a_clear_error(tmp_path):

@@ -8,6 +8,7 @@ inside the optax optimizer state, so restoring the state restores it too.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.struct
@@ -81,19 +82,20 @@ class OptimConfig:
     def __post_init__(self):
         if self.decay not in DECAYS:
             raise ValueError(f"unknown learning-rate decay {self.decay!r}; expected one of {DECAYS}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        # `not x > 0` and `not 0 <= x` also reject NaN; infinities are rejected by name.
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.grad_clip is not None and self.grad_clip < 0:
-            raise ValueError(f"grad_clip must be >= 0 or None, got {self.grad_clip}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.grad_clip is not None and not (0 <= self.grad_clip and math.isfinite(self.grad_clip)):
+            raise ValueError(f"grad_clip must be a finite number >= 0, or None, got {self.grad_clip}")
+        if not (0 <= self.weight_decay and math.isfinite(self.weight_decay)):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         for name in ("b1", "b2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
-        if not self.eps > 0:
-            raise ValueError(f"eps must be > 0, got {self.eps}")
+        if not (self.eps > 0 and math.isfinite(self.eps)):
+            raise ValueError(f"eps must be a finite number > 0, got {self.eps}")
 
 
 def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
@@ -115,15 +117,15 @@ def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
 def make_optimizer(cfg: OptimConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Returns ``(tx, lr_schedule)``: clip_by_global_norm -> adamw(lr_schedule).
 
-    The schedule is returned too, so the training step can report the
-    learning rate it used.
+    Without clipping the first link is ``optax.identity()``, so the optimizer
+    state has the same structure either way and a run can resume with
+    clipping switched on or off. The schedule is returned too, so the training
+    step can report the learning rate it used.
     """
     lr = learning_rate_schedule(cfg)
-    parts = []
-    if cfg.grad_clip:
-        parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-    parts.append(optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
-    return optax.chain(*parts), lr
+    clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity()
+    adam = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return optax.chain(clip, adam), lr
 
 
 def create_train_state(

@@ -26,12 +26,12 @@ logs and images. Only process 0 writes files other than checkpoints.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import os
 import signal
-import tempfile
 import threading
 import time
 from typing import Any, Callable
@@ -44,6 +44,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 import diffusion_jax as dj
+from diffusion_jax import _files
 from diffusion_jax import checkpointing
 from diffusion_jax import input_pipeline
 from diffusion_jax import metric_writers
@@ -111,11 +112,12 @@ def _check_choice(config, field: str, allowed) -> None:
 
 
 def _check_range(config, field: str, low: float, high: float, *, high_open: bool = False) -> None:
+    """``low <= value <= high`` (``< high`` with ``high_open``), finite (NaN fails the comparisons)."""
     value = _get(config, field)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         _fail(field, f"must be a number, got {value!r}", TypeError)
-    if not (low <= value < high if high_open else low <= value <= high):
-        _fail(field, f"must lie in [{low}, {high}{')' if high_open else ']'}, got {value}")
+    if not (low <= value < high if high_open else low <= value <= high) or not math.isfinite(value):
+        _fail(field, f"must be a finite number in [{low}, {high}{')' if high_open else ']'}, got {value}")
 
 
 def _get(config, field: str):
@@ -136,11 +138,9 @@ def _reraise_as_field(field: str, build: Callable[[], Any]) -> Any:
 
 
 def _check_workdir(workdir: str) -> None:
-    """The workdir exists or can be created, and a file can be written in it."""
+    """The workdir exists or can be created, and a file can be written in it (local or a bucket)."""
     try:
-        os.makedirs(workdir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test_"):
-            pass
+        _files.check_writable(workdir)
     except OSError as e:
         raise ValueError(f"workdir {workdir!r} is not writable: {e}") from e
 
@@ -170,6 +170,8 @@ def validate_config(
                            ("eval_every_steps", 0), ("max_consecutive_nonfinite", 1),
                            ("steps_per_dispatch", 1)):
         _check_int(config, field, minimum=minimum)
+    if config.seed >= 2**32:  # PRNGKey(seed) keeps 32 bits: 2**32 would train as seed 0
+        _fail("seed", f"must be < 2**32, got {config.seed}")
     for field in ("log_every_steps", "checkpoint_every_steps", "eval_every_steps"):
         if _get(config, field) % config.steps_per_dispatch:
             _fail(field, f"{_get(config, field)} is not a multiple of steps_per_dispatch="
@@ -179,7 +181,7 @@ def validate_config(
             _fail("batch_size", f"{config.batch_size} is not divisible by the {count} {what} of this job")
     _check_range(config, "ema_decay", 0.0, 1.0)
     _check_range(config, "cond_drop_rate", 0.0, 1.0, high_open=True)
-    _check_choice(config, "distributed", (True, False, "auto"))
+    _reraise_as_field("distributed", lambda: parallel.distributed_setting(config.distributed))
     _check_choice(config, "compute_dtype", COMPUTE_DTYPES)
 
     # Data and model: the typed configs check their own fields.
@@ -222,8 +224,9 @@ def validate_config(
         _fail(f"{d}.variance", "'learned_range' needs loss='hybrid' or 'vlb': the simple loss does not "
               "train the variance channels")
     gamma = config.diffusion.min_snr_gamma
-    if gamma is not None and (isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma <= 0):
-        _fail(f"{d}.min_snr_gamma", f"must be a positive number or None, got {gamma!r}")
+    if gamma is not None and (isinstance(gamma, bool) or not isinstance(gamma, (int, float))
+                              or not 0 < gamma < math.inf):
+        _fail(f"{d}.min_snr_gamma", f"must be a finite positive number or None, got {gamma!r}")
     _check_range(config, f"{d}.vlb_weight", 0.0, math.inf)
 
     # Optimizer.
@@ -255,6 +258,75 @@ def validate_config(
     _check_int(config, "checkpoint.max_to_keep", minimum=1)
     if workdir is not None:
         _check_workdir(workdir)
+
+
+# Fields a run may change when it resumes without changing what it trains: how
+# long (unless the learning rate decays to the end), how often it logs, saves and
+# evaluates, how it samples, where the data lives, how it is run.
+_OPERATIONAL_FIELDS = ("num_train_steps", "log_every_steps", "checkpoint_every_steps", "eval_every_steps",
+                       "max_consecutive_nonfinite", "steps_per_dispatch", "distributed", "data.data_dir")
+_OPERATIONAL_SECTIONS = ("eval.", "sample.", "checkpoint.")
+# Fields that define what a checkpoint's parameters mean: evaluating or sampling
+# under other values gives wrong numbers (dropout is off there anyway).
+_MODEL_SECTIONS = ("diffusion.", "model.")
+_MODEL_FIELDS_FREE_AT_INFERENCE = ("model.dropout",)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+_ABSENT = "(absent)"
+
+
+def _config_changes(saved: dict, config) -> list[tuple[str, Any, Any]]:
+    """``(field, saved value, current value)`` for every field that differs, as JSON values
+    (``"(absent)"`` where one side lacks the field)."""
+    current = _flatten(json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else config)))
+    saved = _flatten(saved)
+    return [(field, saved.get(field, _ABSENT), current.get(field, _ABSENT))
+            for field in sorted(set(saved) | set(current))
+            if saved.get(field, _ABSENT) != current.get(field, _ABSENT)]
+
+
+def _describe(changes) -> str:
+    return ", ".join(f"{field} {old!r} -> {new!r}" for field, old, new in changes)
+
+
+def _warn_about_resumed_changes(config, saved: dict | None, step: int) -> None:
+    """Logs the fields that differ from the checkpoint's config and change the training."""
+    if saved is None:
+        return
+    cosine = config.optim.decay == "cosine"
+
+    def changes_training(field):
+        if field == "num_train_steps":
+            return cosine  # the cosine decay's end moves: the learning rate jumps
+        return field not in _OPERATIONAL_FIELDS and not field.startswith(_OPERATIONAL_SECTIONS)
+
+    changes = [c for c in _config_changes(saved, config) if changes_training(c[0])]
+    if changes:
+        logger.warning("Resuming from step %d with a config that differs from the checkpoint's in fields that "
+                       "change the training: %s. The run goes on with the new values.", step, _describe(changes))
+
+
+def _check_inference_config(config, saved: dict | None, step: int, directory) -> None:
+    """Evaluating or sampling needs the diffusion and model settings the checkpoint was trained with."""
+    if saved is None:
+        return
+    changes = [c for c in _config_changes(saved, config)
+               if c[0].startswith(_MODEL_SECTIONS) and c[0] not in _MODEL_FIELDS_FREE_AT_INFERENCE]
+    if changes:
+        raise ValueError(
+            f"The config differs from the one checkpoint step {step} in {directory} was trained with, in "
+            f"fields that define the model: {_describe(changes)}. Run with the training run's config and "
+            "overrides (the checkpoint's copy is in its config/metadata file).")
 
 
 def _check_data_matches(config, info: input_pipeline.DatasetInfo) -> None:
@@ -490,18 +562,16 @@ def _save_samples(workdir: str, name: str, images: np.ndarray, writer, step: int
     path = os.path.join(workdir, SAMPLES_SUBDIR, f"{name}.png")
     metric_writers.save_png(path, grid)
     if with_npz:
-        np.savez(os.path.join(workdir, SAMPLES_SUBDIR, f"{name}.npz"), images=images.astype(np.float32))
+        buffer = io.BytesIO()
+        np.savez(buffer, images=images.astype(np.float32))
+        _files.write_file(os.path.join(workdir, SAMPLES_SUBDIR, f"{name}.npz"), buffer.getvalue())
     return path
 
 
 def _write_json(path: str, payload: dict) -> None:
     if jax.process_index() != 0:
         return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    _files.write_file(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def _setup(config, workdir: str) -> tuple[input_pipeline.DatasetInfo, _Job]:
@@ -522,6 +592,7 @@ def _restore_for_inference(job: _Job, workdir: str) -> TrainState:
             raise FileNotFoundError(
                 f"No checkpoint in {os.path.join(workdir, CHECKPOINT_SUBDIR)}: train first "
                 "(--mode=train) or pass the workdir of a trained run.")
+        _check_inference_config(job.config, ckpt.saved_config(), ckpt.latest_step(), ckpt.directory)
         return ckpt.restore(job.abstract_state())
     finally:
         ckpt.close()
@@ -562,11 +633,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # --- 2. State: fresh, or restored from the latest checkpoint ----------------
     ckpt = job.checkpointer(workdir)  # every checkpoint also stores the config it was saved with
     if ckpt.latest_step() is not None:
-        state = ckpt.restore(job.abstract_state(), data_iterator=train_iter)
+        saved_config = ckpt.saved_config()
+        _warn_about_resumed_changes(config, saved_config, ckpt.latest_step())
+        try:
+            state = ckpt.restore(job.abstract_state(), data_iterator=train_iter)
+        except ValueError as e:
+            changes = _config_changes(saved_config, config) if saved_config is not None else []
+            if not changes:
+                raise
+            raise ValueError(f"{e}\nThe config differs from the checkpoint's in: {_describe(changes)}.") from e
         logger.info("Resumed from step %d in %s.", int(state.step), ckpt.directory)
     else:
-        checkpointing.save_config(workdir, config.to_dict())
         state = job.create_state()
+    checkpointing.save_config(workdir, config.to_dict())  # the config this run goes on with
     start_step = int(state.step)
 
     # --- 3. Programs --------------------------------------------------------------
@@ -624,10 +703,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             pending_metrics.append(metrics)
             step += k
             calls += 1
+            if calls == 1 and step % config.log_every_steps:
+                # Rates start after the first call, which compiled the step (as the console's).
+                last_log = (step, time.monotonic())
 
             if step % config.log_every_steps == 0 or step == config.num_train_steps:
-                summary = _summarize(pending_metrics)
-                pending_metrics = []
+                since_log, pending_metrics = pending_metrics, []
+                summary = _summarize(since_log)
                 now = time.monotonic()
                 steps_per_sec = (step - last_log[0]) / max(now - last_log[1], 1e-9)
                 last_log = (step, now)
@@ -638,12 +720,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     ckpt.wait_until_finished()
                     ckpt.close()
                     writer.close()
+                    last = {k: float(np.atleast_1d(np.asarray(since_log[-1][k]))[-1]) for k in ("loss", "grad_norm")}
+                    kept = (f"The last good checkpoint, step {ckpt.latest_step()}, is kept in {ckpt.directory}."
+                            if ckpt.latest_step() is not None else "No checkpoint had been written yet.")
                     raise FloatingPointError(
                         f"Stopping at step {step}: the last {int(summary['consecutive_nonfinite'])} updates "
-                        f"had a NaN/Inf loss or gradient and were skipped (config.max_consecutive_nonfinite="
-                        f"{config.max_consecutive_nonfinite}). The last good checkpoint, step "
-                        f"{ckpt.latest_step()}, is kept in {ckpt.directory}. Try a lower learning rate, "
-                        "gradient clipping, or float32 compute.")
+                        f"were skipped because the loss, the gradient or the update was NaN/Inf "
+                        f"(config.max_consecutive_nonfinite={config.max_consecutive_nonfinite}; the last "
+                        f"step's loss {last['loss']:.4g}, gradient norm {last['grad_norm']:.4g}: if both are "
+                        f"finite, the update overflowed). {kept} Try a lower learning rate, gradient "
+                        "clipping, or float32 compute.")
             else:
                 progress.update(step, {})
 
