@@ -148,7 +148,7 @@ class Checkpointer:
         if isinstance(save_interval_steps, bool) or not isinstance(save_interval_steps, int) or save_interval_steps < 1:
             raise ValueError(f"save_interval_steps must be a positive int, got {save_interval_steps!r}.")
         self._config = None if config is None else _config_as_json_dict(config)
-        self._directory = epath.Path(_absolute(directory))
+        self._directory = _files.as_path(directory)
         self._save_interval_steps = save_interval_steps
         self._async_save = async_save
         self._read_only = read_only
@@ -449,12 +449,12 @@ def save_config(directory: os.PathLike | str, config_dict: Mapping[str, Any]):
     text = json.dumps(_config_as_json_dict(config_dict), indent=2, sort_keys=True)
     if jax.process_index() != 0:
         return
-    _files.write_file(epath.Path(_absolute(directory)) / CONFIG_FILENAME, text + "\n")
+    _files.write_file(_files.as_path(directory) / CONFIG_FILENAME, text + "\n")
 
 
 def load_config(directory: os.PathLike | str) -> dict[str, Any]:
     """Reads ``<directory>/config.json`` written by ``save_config``."""
-    path = epath.Path(_absolute(directory)) / CONFIG_FILENAME
+    path = _files.as_path(directory) / CONFIG_FILENAME
     if not path.exists():
         raise FileNotFoundError(f"No {CONFIG_FILENAME} in {directory}.")
     config = json.loads(path.read_text())
@@ -464,11 +464,6 @@ def load_config(directory: os.PathLike | str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def _absolute(directory: os.PathLike | str) -> str:
-    directory = os.fspath(directory)
-    return directory if "://" in directory else os.path.abspath(directory)
 
 
 def _global_position_from_other_process_count(step_dir: epath.Path, data_iterator: Any) -> dict | None:
