@@ -8,10 +8,10 @@ replicated (``P()``) and the batch split along its first axis
 under ``jax.jit``, so the same code runs on one CPU, eight GPUs or a TPU pod
 slice, and on several processes joined by ``jax.distributed``.
 
-Data layout. ``jax.devices()`` lists devices process by process, so the mesh
-built by :func:`make_mesh` gives each process a contiguous block of the
-global batch, and :func:`shard_batch` places this process's host batch in
-that block.
+Data layout. The mesh built by :func:`make_mesh` lists the devices process by
+process (:func:`process_contiguous`), so each process holds a contiguous block
+of the global batch, and :func:`shard_batch` places this process's host batch
+in that block.
 """
 from __future__ import annotations
 
@@ -189,11 +189,23 @@ def request_cpu_devices(count: int) -> bool:
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Returns a 1-D mesh with axis ``"data"`` over ``devices`` (default: all)."""
-    devices = jax.devices() if devices is None else list(devices)
+    """Returns a 1-D mesh with axis ``"data"`` over ``devices`` (default: all, process by process)."""
+    devices = process_contiguous(jax.devices()) if devices is None else list(devices)
     if not devices:
         raise ValueError("make_mesh needs at least one device")
     return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def process_contiguous(devices: Sequence[Any]) -> list[Any]:
+    """``devices`` with each process's devices in one block, in process order, keeping
+    their order within a process (a stable sort by ``process_index``).
+
+    :func:`shard_batch` places a process's rows of the global batch on its own
+    devices, which must then be one block of the mesh. ``jax.devices()`` is
+    usually in that order already (then this changes nothing); nothing in
+    JAX promises it for every platform.
+    """
+    return sorted(devices, key=lambda d: d.process_index)
 
 
 def replicated_sharding(mesh: Mesh) -> NamedSharding:

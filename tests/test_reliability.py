@@ -526,6 +526,18 @@ def test_bad_input_fails_fast_naming_the_field_and_touches_nothing(name, bad_inp
 # =============================================================================
 
 
+def test_mesh_order_gives_each_process_one_block_of_devices():
+    """shard_batch puts a process's rows on its own devices: they must be one block of the
+    mesh. Stand-ins for devices listed interleaved, as no JAX promise rules out."""
+    Device = collections.namedtuple("Device", "id process_index")
+    listed = [Device(0, 0), Device(1, 1), Device(2, 0), Device(3, 1), Device(4, 2), Device(5, 0)]
+    ordered = parallel.process_contiguous(listed)
+    assert [(d.process_index, d.id) for d in ordered] == [(0, 0), (0, 2), (0, 5), (1, 1), (1, 3), (2, 4)]
+    devices = jax.devices()  # one process here: already in order, and left as listed
+    assert parallel.process_contiguous(devices) == list(devices)
+    assert list(parallel.make_mesh().devices) == list(devices)
+
+
 @pytest.mark.parametrize("process_count", [2, 4])
 def test_processes_read_their_rows_of_the_one_process_global_batch(data_dir, process_count):
     """Concatenated in process order, the processes' batches are the one-process
