@@ -37,7 +37,8 @@ files (per-process OCDBT manifests) are never read back. So, just before Orbax's
 atomic rename, the primary process records the size and sha256 of every file
 of the step in ``checksums.json`` (Orbax's ``post_finalization_callback``
 runs on the primary host after all writes and before the commit). ``restore`` checks those first: a step whose files are missing,
-truncated or altered, or whose ``checksums.json`` is missing, is reported with
+truncated or altered, or whose ``checksums.json`` is missing (at two looks a second
+apart, so a network file system's stale listing is not taken for damage), is reported with
 ``logging.warning`` naming the folder and the problem, moved aside to
 ``<step>.corrupt-<n>``, and the next older step is tried. A step whose files
 all verify is the exact bytes that were written, so an error while restoring
@@ -55,6 +56,7 @@ import itertools
 import json
 import logging
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -393,8 +395,8 @@ class Checkpointer:
     def _verify_on_primary(self, step_dir: epath.Path) -> str | None:
         """The primary process checks the files; all processes get its verdict."""
         if jax.process_count() == 1:
-            return _verify_step_dir(step_dir)
-        problem = _verify_step_dir(step_dir) if jax.process_index() == 0 else None
+            return _verify_twice(step_dir)
+        problem = _verify_twice(step_dir) if jax.process_index() == 0 else None
         damaged = multihost_utils.broadcast_one_to_all(np.int32(problem is not None))
         if bool(damaged) and problem is None:
             problem = "reported damaged by the primary process"
@@ -543,6 +545,24 @@ def _file_digests(step_dir: epath.Path) -> dict[str, dict[str, Any]]:
                 "sha256": _sha256(path),
             }
     return digests
+
+
+# Seconds before a step that failed verification is checked again.
+_RECHECK_AFTER_S = 1.0
+
+
+def _verify_twice(step_dir: epath.Path) -> str | None:
+    """:func:`_verify_step_dir`, and once more after a pause if it found a problem.
+
+    A network file system can briefly show a file as missing or short (a
+    listing not yet refreshed); a step is taken for damaged, and moved aside,
+    only if the second look agrees.
+    """
+    problem = _verify_step_dir(step_dir)
+    if problem is None:
+        return None
+    time.sleep(_RECHECK_AFTER_S)
+    return _verify_step_dir(step_dir)
 
 
 def _verify_step_dir(step_dir: epath.Path) -> str | None:

@@ -275,6 +275,21 @@ def test_damaged_newest_step_is_reported_moved_aside_and_skipped(tmp_path, caplo
     assert sorted(os.listdir(tmp_path)) == ["1", "2", "2.corrupt-0"]
 
 
+def test_a_file_missing_for_a_moment_is_not_taken_for_damage(tmp_path, monkeypatch):
+    """A network file system's stale listing: the newest step's largest file is gone at the
+    first look and back at the second (the pause between them puts it back)."""
+    template = _write_two_steps(tmp_path)
+    victim = _largest_file(tmp_path / "2" / "state")
+    hidden = tmp_path / "hidden"
+    victim.rename(hidden)
+    pauses = []
+    monkeypatch.setattr(checkpointing.time, "sleep", lambda s: (pauses.append(s), hidden.rename(victim)))
+    with Checkpointer(tmp_path, max_to_keep=None) as ckpt:
+        _assert_bitwise_equal(ckpt.restore(template), _make_state(seed=2))
+    assert pauses == [checkpointing._RECHECK_AFTER_S]
+    assert sorted(os.listdir(tmp_path)) == ["1", "2"]
+
+
 def test_second_damage_of_same_step_gets_next_corrupt_index(tmp_path):
     template = _write_two_steps(tmp_path)
     for expected_index in (0, 1):
