@@ -23,7 +23,8 @@ Datasets (``DataConfig.name``):
   RGB; files of 32-bit int or float mode ("I", "F"), whose range is unknown,
   are refused.
 
-Every image is center-cropped to a square and resized to ``image_size`` with
+Folder images are turned upright by their EXIF orientation tag (as photo
+viewers show them). Every image is center-cropped to a square and resized to ``image_size`` with
 PIL's bilinear filter (antialiased when shrinking: PIL widens the filter by the
 reduction factor) while still uint8, so pixel values stay on the 8-bit grid,
 then mapped to float32 ``x / 127.5 - 1`` in [-1, 1] (Ho et al. 2020, sec. 3.3:
@@ -88,6 +89,7 @@ from absl import flags
 import grain
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import tensorflow_datasets as tfds
 
 from diffusion_jax.datasets import digits as digits_lib
@@ -277,7 +279,9 @@ class _FolderRecords:
             with PIL.Image.open(path) as image:
                 mode = image.mode
                 if mode not in _UNKNOWN_RANGE_MODES:
-                    pixels = np.asarray(_eight_bit_image(image, self._channels), dtype=np.uint8)
+                    # Upright as a viewer shows it: camera files store the rotation in EXIF.
+                    upright = PIL.ImageOps.exif_transpose(image)
+                    pixels = np.asarray(_eight_bit_image(upright, self._channels), dtype=np.uint8)
         except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad files.
             raise ValueError(f"folder dataset: cannot read image file {path}: {e}") from e
         _check_image_mode(path, mode)  # only if the file changed since `_folder_split`

@@ -612,6 +612,21 @@ def test_folder_center_crops_and_resizes(tmp_path):
     assert train["image"].shape == (3, 16, 16, 3)
 
 
+@pytest.mark.parametrize("orientation,turn", [(1, lambda a: a), (3, lambda a: np.rot90(a, 2)),
+                                              (6, lambda a: np.rot90(a, -1)), (8, lambda a: np.rot90(a, 1))])
+def test_folder_images_are_turned_upright_by_their_exif_orientation(tmp_path, orientation, turn):
+    """EXIF orientation (TIFF tag 274): 3 = rotated 180, 6 = turn 90 clockwise to view,
+    8 = 90 counter-clockwise. A square image, so no crop or resize: the pixels must be
+    the stored ones turned by numpy."""
+    stored = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3) * 5
+    exif = PIL.Image.Exif()
+    exif[0x0112] = orientation
+    PIL.Image.fromarray(stored).save(tmp_path / "photo.png", exif=exif)
+    config = ip.DataConfig("folder", data_dir=str(tmp_path), image_size=4)
+    (batch,) = list(ip.create_eval_iterator(config, batch_size=1))
+    np.testing.assert_allclose(batch["image"][0], turn(stored).astype(np.float32) / 127.5 - 1.0, atol=1e-6)
+
+
 def test_folder_grayscale_and_split_subfolders(tmp_path):
     for split, count in (("train", 3), ("test", 2)):
         (tmp_path / split).mkdir()
