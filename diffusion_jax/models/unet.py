@@ -837,6 +837,12 @@ class UNet(nn.Module):
     """The DDPM/ADM UNet noise-prediction network; see the module docstring.
 
     Call with ``rngs={"dropout": key}`` when ``train=True`` and ``config.dropout > 0``.
+
+    Differentiable in reverse mode (``jax.grad``, ``jax.vjp``: training, and
+    likelihoods by Hutchinson's trace estimator), not in forward mode
+    (``jax.jvp``, ``jax.jacfwd``): its GroupNorm, convolution-kernel gradient and
+    upsampling layers are ``jax.custom_vjp`` functions written for the
+    training step's speed.
     """
 
     config: UNetConfig
