@@ -110,7 +110,8 @@ class Checkpointer:
     ``parallel.reached_preemption_sync_point`` says, then ``save(..., force=True)``
     (Orbax's own preemption policy is left out: it would report the step to
     JAX's preemption service as well, and the service's one counter per process
-    must be fed one sequence of numbers, or the processes miss the stop point). An existing step is never overwritten. Writing happens in the
+    must be fed one sequence of numbers, or the processes miss the stop point).
+    An existing step is never overwritten. Writing happens in the
     background (``async_save=True``); the state is copied to host memory before
     ``save`` returns, so the caller may donate or change it afterwards. The data
     iterator's position is read synchronously in ``save``.
