@@ -9,6 +9,14 @@ decay, batch 128, EMA 0.9999, dropout 0.3, 500k steps; the UNet with 3
 residual blocks per resolution, 4 attention heads at 16x16 and 8x8, and
 scale-shift (adaptive group) norm.
 
+Two differences from improved-diffusion's code, kept on purpose: random
+horizontal flips stay on (from cifar10.py; improved-diffusion's CIFAR-10
+loader does not flip: set data.random_flip=False for their exact data), and
+the UNet is called with the timestep indices 0..3999 themselves, where
+improved-diffusion rescales them to 0..1000 by default (rescale_timesteps);
+the sinusoidal embedding takes either, but a checkpoint of theirs would need
+the rescaling.
+
 Sampling uses 100 respaced steps (their sec. 4: learned variances keep
 quality with few steps). The whole-split NLL at T = 4000 costs 4000 model
 evaluations per image: run --mode=evaluate on an accelerator.

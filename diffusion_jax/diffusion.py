@@ -79,9 +79,13 @@ def q_posterior_mean_variance(schedule: DiffusionSchedule, x0: jax.Array, x_t: j
 # (x_t, one prediction) determines the other two.
 
 
-def _coefs(schedule: DiffusionSchedule, x: jax.Array, t: jax.Array, name: str):
-    """(sqrt(alphabar_t), sqrt(1 - alphabar_t)) shaped to broadcast against ``x``, after checking t."""
+def _coefs(schedule: DiffusionSchedule, x: jax.Array, t: jax.Array, name: str, **same_shape):
+    """(sqrt(alphabar_t), sqrt(1 - alphabar_t)) shaped to broadcast against ``x``.
+
+    Checks t, and that the arrays in ``same_shape`` have ``x``'s shape (no silent broadcasting).
+    """
     _check(schedule, x, t, name)
+    _checks.check_same_shape(**{name: x}, **same_shape)
     return (
         extract(jnp.sqrt(schedule.alphas_cumprod), t, x.ndim),
         extract(jnp.sqrt(schedule.one_minus_alphas_cumprod), t, x.ndim),
@@ -90,31 +94,31 @@ def _coefs(schedule: DiffusionSchedule, x: jax.Array, t: jax.Array, name: str):
 
 def x0_from_eps(schedule: DiffusionSchedule, x_t: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
     """x_0 = (x_t - sqrt(1 - alphabar_t) eps) / sqrt(alphabar_t) (Ho et al. eq. 4 solved for x_0)."""
-    a, s = _coefs(schedule, x_t, t, "x_t")
+    a, s = _coefs(schedule, x_t, t, "x_t", eps=eps)
     return (x_t - s * eps) / a
 
 
 def eps_from_x0(schedule: DiffusionSchedule, x_t: jax.Array, t: jax.Array, x0: jax.Array) -> jax.Array:
     """eps = (x_t - sqrt(alphabar_t) x_0) / sqrt(1 - alphabar_t)."""
-    a, s = _coefs(schedule, x_t, t, "x_t")
+    a, s = _coefs(schedule, x_t, t, "x_t", x0=x0)
     return (x_t - a * x0) / s
 
 
 def x0_from_v(schedule: DiffusionSchedule, x_t: jax.Array, t: jax.Array, v: jax.Array) -> jax.Array:
     """x_0 = sqrt(alphabar_t) x_t - sqrt(1 - alphabar_t) v (Salimans & Ho 2022)."""
-    a, s = _coefs(schedule, x_t, t, "x_t")
+    a, s = _coefs(schedule, x_t, t, "x_t", v=v)
     return a * x_t - s * v
 
 
 def eps_from_v(schedule: DiffusionSchedule, x_t: jax.Array, t: jax.Array, v: jax.Array) -> jax.Array:
     """eps = sqrt(1 - alphabar_t) x_t + sqrt(alphabar_t) v (Salimans & Ho 2022)."""
-    a, s = _coefs(schedule, x_t, t, "x_t")
+    a, s = _coefs(schedule, x_t, t, "x_t", v=v)
     return s * x_t + a * v
 
 
 def v_from_x0_eps(schedule: DiffusionSchedule, x0: jax.Array, eps: jax.Array, t: jax.Array) -> jax.Array:
     """v = sqrt(alphabar_t) eps - sqrt(1 - alphabar_t) x_0 (Salimans & Ho 2022, sec. 4)."""
-    a, s = _coefs(schedule, x0, t, "x0")
+    a, s = _coefs(schedule, x0, t, "x0", eps=eps)
     return a * eps - s * x0
 
 
@@ -125,6 +129,7 @@ def x0_from_prediction(schedule: DiffusionSchedule, prediction: str, x_t, t, pre
         return x0_from_eps(schedule, x_t, t, pred)
     if prediction == "v":
         return x0_from_v(schedule, x_t, t, pred)
+    _checks.check_same_shape(x_t=x_t, pred=pred)
     return pred
 
 
@@ -132,6 +137,7 @@ def eps_from_prediction(schedule: DiffusionSchedule, prediction: str, x_t, t, pr
     """eps implied by a model prediction of type ``"eps"``, ``"x0"`` or ``"v"``."""
     _checks.check_choice("prediction", prediction, _checks.PREDICTIONS)
     if prediction == "eps":
+        _checks.check_same_shape(x_t=x_t, pred=pred)
         return pred
     if prediction == "v":
         return eps_from_v(schedule, x_t, t, pred)
@@ -141,6 +147,7 @@ def eps_from_prediction(schedule: DiffusionSchedule, prediction: str, x_t, t, pr
 def prediction_target(schedule: DiffusionSchedule, prediction: str, x0, noise, t) -> jax.Array:
     """What a model of the given prediction type is trained to output: eps, x_0 or v."""
     _checks.check_choice("prediction", prediction, _checks.PREDICTIONS)
+    _checks.check_same_shape(x0=x0, noise=noise)
     if prediction == "eps":
         return noise
     if prediction == "v":

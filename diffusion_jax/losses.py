@@ -12,6 +12,7 @@ from collections.abc import Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import log_ndtr
 
 from diffusion_jax import _checks
@@ -152,6 +153,11 @@ def min_snr_weight(schedule: DiffusionSchedule, t: jax.Array, *, gamma: float, p
     min(SNR, gamma) for x_0 and min(SNR, gamma) / (SNR + 1) for v.
     """
     _checks.check_choice("prediction", prediction, _checks.PREDICTIONS)
+    if getattr(t, "ndim", None) != 1:
+        raise ValueError(f"min_snr_weight: t must be an int array [B], got shape {np.shape(t)}")
+    _checks.check_timesteps(t, t.shape[0], schedule.num_timesteps)
+    if not isinstance(gamma, jax.core.Tracer) and not float(gamma) > 0:
+        raise ValueError(f"min_snr_weight: gamma must be positive, got {gamma}")
     snr = schedule.alphas_cumprod[t] / schedule.one_minus_alphas_cumprod[t]
     clipped = jnp.minimum(snr, gamma)
     return {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1.0)}[prediction]
@@ -231,7 +237,7 @@ def training_losses(
     _checks.check_choice("loss", loss, LOSSES)
     _checks.check_choice("prediction", prediction, _checks.PREDICTIONS)
     _checks.check_choice("variance", variance, _checks.VARIANCES)
-    if min_snr_gamma is not None and not min_snr_gamma > 0:
+    if min_snr_gamma is not None and not isinstance(min_snr_gamma, jax.core.Tracer) and not min_snr_gamma > 0:
         raise ValueError(f"min_snr_gamma must be positive or None, got {min_snr_gamma}")
     x_t = q_sample(schedule, x0, t, noise)
     output = model_fn(x_t, schedule.timesteps[t])
@@ -306,6 +312,7 @@ def update_loss_history(history: LossHistory, t: jax.Array, losses: jax.Array) -
     """
     if t.shape != losses.shape or t.ndim != 1:
         raise ValueError(f"t and losses must both be [B], got {t.shape} and {losses.shape}")
+    _checks.check_timesteps(t, t.shape[0], history.losses.shape[0])
     k = history.history_per_term
 
     def record(h: LossHistory, tl):
@@ -348,6 +355,10 @@ def sample_timesteps(
       ``(t, weights)``: int32 ``[B]`` row indices and float32 ``[B]`` weights
       (all ones for uniform sampling).
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be an int >= 1, got {num_timesteps!r}")
     if history is None:
         t = jax.random.randint(key, (batch_size,), 0, num_timesteps, dtype=jnp.int32)
         return t, jnp.ones((batch_size,), jnp.float32)

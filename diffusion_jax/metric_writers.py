@@ -102,7 +102,8 @@ class ProgressLogger:
     Call ``update`` every step; it prints every ``every_steps`` steps and at the
     last step. Rates are measured between consecutive printed steps; the first
     call only sets the reference time, so the compilation of the first step is
-    not counted. Metrics are converted to floats on printed steps only. On a
+    not counted, and time reported by :meth:`exclude` (evaluations, samples) is
+    left out. Metrics are converted to floats on printed steps only. On a
     terminal the output is one progress bar line rewritten in place; otherwise
     one plain line per print, e.g.::
 
@@ -144,6 +145,12 @@ class ProgressLogger:
         self._clock = clock
         self._tty = bool(getattr(self._stream, "isatty", lambda: False)())
         self._last: tuple[int, float] | None = None
+        self._excluded = 0.0
+
+    def exclude(self, seconds: float) -> None:
+        """Leaves ``seconds`` spent on something other than training out of the next rate."""
+        if self._last is not None:  # before the first update there is no interval yet
+            self._excluded += max(float(seconds), 0.0)
 
     def update(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Records that ``step`` (a Python int) finished; prints on print steps only."""
@@ -156,10 +163,11 @@ class ProgressLogger:
         if step % self._every_steps and step != self._num_train_steps:
             return
         last_step, last_time = self._last
+        elapsed = now - last_time - self._excluded
         steps_per_sec = None
-        if step > last_step and now > last_time:
-            steps_per_sec = (step - last_step) / (now - last_time)
-        self._last = (step, now)
+        if step > last_step and elapsed > 0:
+            steps_per_sec = (step - last_step) / elapsed
+        self._last, self._excluded = (step, now), 0.0
         line = self._format(step, metrics, steps_per_sec)
         if self._tty:
             end = "\n" if step >= self._num_train_steps else ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffusion_jax import _checks
 from diffusion_jax.diffusion import q_sample
@@ -27,6 +28,24 @@ class NLL:
     total: jax.Array
     prior: jax.Array
     terms: jax.Array
+
+
+def _check_on_8bit_grid(x0) -> None:
+    """Concrete data must be 8-bit values scaled to [-1, 1] (the decoder's bins assume it):
+    data left in [0, 1] or [0, 255] would give a plausible-looking but meaningless bound."""
+    values = np.asarray(x0, np.float64)
+    if values.size == 0:
+        return
+    lo, hi = values.min(), values.max()
+    if lo < -1.0 - 1e-3 or hi > 1.0 + 1e-3:
+        raise ValueError(f"nll_bpd: x0 must be 8-bit data scaled to [-1, 1], got values in [{lo:.4g}, {hi:.4g}]")
+    if jnp.finfo(x0.dtype).nmant >= 23:  # float32 and wider hold the grid to well under a bin
+        levels = (values + 1.0) * 127.5
+        off = np.abs(levels - np.round(levels)).max()
+        if off > 1e-2:
+            raise ValueError("nll_bpd: x0 must lie on the 8-bit grid k / 127.5 - 1 (k = 0..255), as the "
+                             f"discretized decoder assumes; a value is {off:.3g} bins off it "
+                             "(data in [0, 1] not rescaled to [-1, 1]?)")
 
 
 def nll_bpd(
@@ -59,6 +78,10 @@ def nll_bpd(
       An :class:`NLL`.
     """
     _checks.check_batch("x0", x0)
+    _checks.check_choice("prediction", prediction, _checks.PREDICTIONS)
+    _checks.check_choice("variance", variance, _checks.VARIANCES)
+    if not isinstance(x0, jax.core.Tracer):
+        _check_on_8bit_grid(x0)
     batch = x0.shape[0]
 
     def term_at(_, row):

@@ -7,6 +7,7 @@ because the step is traced once.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import jax
@@ -31,6 +32,20 @@ def _row_batch(row: jax.Array, batch: int) -> jax.Array:
     return jnp.full((batch,), row, jnp.int32)
 
 
+def _predicted_x0(model_fn, schedule, x, t, prediction, variance, clip_denoised):
+    """x0_hat from one model call, in x's dtype (the scan carry's), clipped to [-1, 1] if asked."""
+    output = model_fn(x, schedule.timesteps[t])
+    _checks.check_model_output(output, x, variance)
+    pred, _ = split_model_output(output, variance)
+    x0 = x0_from_prediction(schedule, prediction, x, t, pred).astype(x.dtype)
+    return jnp.clip(x0, -1.0, 1.0) if clip_denoised else x0
+
+
+def _step_noise(key, row, x):
+    """z for the step at ``row``: drawn in float32 whatever x's dtype, so a float64 run sees the same noise."""
+    return jax.random.normal(jax.random.fold_in(key, row), x.shape, jnp.float32).astype(x.dtype)
+
+
 def _ddpm_step(model_fn, schedule, key, prediction, variance, clip_denoised):
     """Ancestral sampling, Ho et al. 2020 Algorithm 2: x_{t-1} = mu_theta + sigma_t z, z = 0 at the last step."""
 
@@ -46,8 +61,8 @@ def _ddpm_step(model_fn, schedule, key, prediction, variance, clip_denoised):
             variance=variance,
             clip_denoised=clip_denoised,
         )
-        noise = jax.random.normal(jax.random.fold_in(key, row), x.shape, x.dtype)
-        x = out.mean + jnp.where(row > 0, jnp.exp(0.5 * out.log_variance), 0.0) * noise
+        noise = _step_noise(key, row, x)
+        x = (out.mean + jnp.where(row > 0, jnp.exp(0.5 * out.log_variance), 0.0) * noise).astype(x.dtype)
         return x, x
 
     return step
@@ -64,20 +79,21 @@ def _ddim_step(model_fn, schedule, key, prediction, variance, clip_denoised, eta
     def step(carry, row):
         x = carry
         t = _row_batch(row, x.shape[0])
-        pred, _ = split_model_output(model_fn(x, schedule.timesteps[t]), variance)
-        x0 = x0_from_prediction(schedule, prediction, x, t, pred)
-        if clip_denoised:
-            x0 = jnp.clip(x0, -1.0, 1.0)
+        x0 = _predicted_x0(model_fn, schedule, x, t, prediction, variance, clip_denoised)
         eps = eps_from_x0(schedule, x, t, x0)
         beta, one_minus = schedule.betas[row], schedule.one_minus_alphas_cumprod[row]
-        one_minus_prev = jnp.where(row > 0, schedule.one_minus_alphas_cumprod[jnp.maximum(row - 1, 0)], 0.0)
-        sigma = eta * jnp.sqrt(one_minus_prev * beta / one_minus)
+        # At row 0, 1 - abar_{-1} = 0 and both coefficients below are 0; they are computed
+        # from a stand-in 1 there so that no sqrt(0) puts inf * 0 into a schedule's gradient.
+        last = row == 0
+        one_minus_prev = jnp.where(last, 1.0, schedule.one_minus_alphas_cumprod[jnp.maximum(row - 1, 0)])
+        sigma = jnp.where(last, 0.0, eta * jnp.sqrt(one_minus_prev * beta / one_minus))
         # 1 - abar_{t-1} - sigma^2 rewritten without cancellation (it nears 0 where beta -> 1):
         # (1 - abar_{t-1}) (alpha_t (1 - abar_{t-1}) + (1 - eta^2) beta_t) / (1 - abar_t).
         eps_coef = jnp.sqrt(one_minus_prev * ((1.0 - beta) * one_minus_prev + (1.0 - eta**2) * beta) / one_minus)
+        eps_coef = jnp.where(last, 0.0, eps_coef)
         mean = jnp.sqrt(schedule.alphas_cumprod_prev[row]) * x0 + eps_coef * eps
-        noise = jax.random.normal(jax.random.fold_in(key, row), x.shape, x.dtype)
-        x = mean + jnp.where(row > 0, sigma, 0.0) * noise
+        noise = _step_noise(key, row, x)
+        x = (mean + sigma * noise).astype(x.dtype)
         return x, x
 
     return step
@@ -100,16 +116,14 @@ def _dpm_solver_pp_2m_step(model_fn, schedule, prediction, variance, clip_denois
     def step(carry, row):
         x, x0_prev, h_prev, first = carry
         t = _row_batch(row, x.shape[0])
-        pred, _ = split_model_output(model_fn(x, schedule.timesteps[t]), variance)
-        x0 = x0_from_prediction(schedule, prediction, x, t, pred)
-        if clip_denoised:
-            x0 = jnp.clip(x0, -1.0, 1.0)
+        x0 = _predicted_x0(model_fn, schedule, x, t, prediction, variance, clip_denoised)
         nxt = jnp.maximum(row - 1, 0)
         h = lam[nxt] - lam[row]
-        r = h_prev / h
+        # h = 0 at row 0, where x0_hat is returned: a stand-in keeps r finite for gradients.
+        r = h_prev / jnp.where(row > 0, h, 1.0)
         d = jnp.where(first, x0, (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev)
         x_next = jnp.exp(log_sigma[nxt] - log_sigma[row]) * x - jnp.exp(log_alpha[nxt]) * jnp.expm1(-h) * d
-        x_next = jnp.where(row > 0, x_next, x0)
+        x_next = jnp.where(row > 0, x_next, x0).astype(x.dtype)
         return (x_next, x0, h, jnp.zeros_like(first)), x_next
 
     return step
@@ -148,6 +162,9 @@ def sample(
     (Lu et al. 2022 sec. 3.3; the default for dpm_solver++, and the better
     choice for few-step DDIM on low-resolution data).
     The model is always called with the original training timesteps.
+    The sampler's state is float32, or float64 for a float64 ``x_T`` (with
+    ``jax_enable_x64``); model outputs of other dtypes (bfloat16, float64) are
+    cast to it at every step.
 
     Args:
       model_fn: ``model_fn(x_t, timesteps) -> output`` with int32 ``[B]``
@@ -159,8 +176,9 @@ def sample(
         ``fold_in(other half, row)``.
       sampler: ``"ddpm"``, ``"ddim"`` or ``"dpm_solver++"``.
       num_steps: respace to this many steps, or None.
-      spacing: ``"time"``, ``"log_snr"`` or None for the sampler's default.
-      eta: DDIM's stochasticity, in [0, 1].
+      spacing: ``"time"``, ``"log_snr"`` or None for the sampler's default;
+        only with ``num_steps``.
+      eta: DDIM's stochasticity, in [0, 1]; only ``"ddim"`` takes a nonzero one.
       prediction: the model's prediction type, ``"eps"``, ``"x0"`` or ``"v"``.
       variance: ``"fixed_small"``, ``"fixed_large"`` or ``"learned_range"`` (the
         last means the model outputs 2C channels; DDIM and DPM-Solver++ use
@@ -176,13 +194,25 @@ def sample(
     _checks.check_choice("sampler", sampler, SAMPLERS)
     _checks.check_choice("prediction", prediction, _checks.PREDICTIONS)
     _checks.check_choice("variance", variance, _checks.VARIANCES)
-    shape = tuple(int(s) for s in shape)
+    try:
+        shape = tuple(operator.index(s) for s in shape)
+    except TypeError:
+        raise TypeError(f"shape must be a sequence of ints, got {shape!r}") from None
     if len(shape) < 2 or any(s < 1 for s in shape):
         raise ValueError(f"shape must be [B, ...] with rank >= 2 and positive sizes, got {shape}")
-    if not isinstance(eta, jax.core.Tracer) and not 0.0 <= float(eta) <= 1.0:
-        raise ValueError(f"eta must lie in [0, 1], got {eta}")
-    if x_T is not None and tuple(x_T.shape) != shape:
-        raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
+    if not isinstance(eta, jax.core.Tracer):
+        if not 0.0 <= float(eta) <= 1.0:
+            raise ValueError(f"eta must lie in [0, 1], got {eta}")
+        if sampler != "ddim" and float(eta) != 0.0:
+            raise ValueError(f"eta={eta} applies to sampler='ddim' only; {sampler!r} has no eta")
+    dtype = jnp.float32
+    if x_T is not None:
+        _checks.check_batch("x_T", x_T)
+        if tuple(x_T.shape) != shape:
+            raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
+        dtype = jnp.promote_types(x_T.dtype, jnp.float32)
+    if spacing is not None and num_steps is None:
+        raise ValueError(f"spacing={spacing!r} chooses the rows kept by num_steps; give num_steps too")
     if spacing is None:
         spacing = "log_snr" if sampler == "dpm_solver++" else "time"
     _checks.check_choice("spacing", spacing, SPACINGS)
@@ -197,7 +227,7 @@ def sample(
             schedule = respace(schedule, rows)
 
     key_x_T, key_steps = jax.random.split(key)
-    x = jax.random.normal(key_x_T, shape, jnp.float32) if x_T is None else jnp.asarray(x_T, jnp.float32)
+    x = jax.random.normal(key_x_T, shape, dtype) if x_T is None else jnp.asarray(x_T, dtype)
     rows = jnp.arange(schedule.num_timesteps - 1, -1, -1, dtype=jnp.int32)
 
     if sampler == "ddpm":

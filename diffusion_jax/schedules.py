@@ -133,6 +133,7 @@ def schedule_from_alphas_cumprod(
 
     if timesteps is None:
         timesteps = np.arange(abar.shape[0], dtype=np.int32)
+    _check_original_timesteps(timesteps, abar.shape[0])
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
     return DiffusionSchedule(
         betas=f32(betas),
@@ -145,6 +146,20 @@ def schedule_from_alphas_cumprod(
         posterior_mean_coef2=f32(xp.sqrt(alphas) * one_minus_abar_prev / one_minus_abar),
         timesteps=jnp.asarray(timesteps, jnp.int32),
     )
+
+
+def _check_original_timesteps(timesteps, num_rows: int) -> None:
+    """``timesteps`` is an int ``[T]`` vector; when concrete, >= 0 and strictly increasing."""
+    dtype = timesteps.dtype if hasattr(timesteps, "dtype") else np.asarray(timesteps).dtype
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"timesteps must be integers (original timestep indices), got dtype {dtype}")
+    shape = tuple(np.shape(timesteps))
+    if shape != (num_rows,):
+        raise ValueError(f"timesteps must have shape [T] = ({num_rows},), got {shape}")
+    if _is_concrete(timesteps):
+        values = np.asarray(timesteps)
+        if values.min() < 0 or np.any(np.diff(values) <= 0):
+            raise ValueError(f"timesteps must be >= 0 and strictly increasing, got {values.tolist()}")
 
 
 def schedule_from_betas(betas, *, timesteps=None) -> DiffusionSchedule:

@@ -78,6 +78,29 @@ def test_schedule_from_log_snr_rejects(log_snr, match):
         dj.schedule_from_log_snr(log_snr)
 
 
+@pytest.mark.parametrize(
+    "timesteps,match",
+    [
+        ([0.5, 1.7, 3.0], r"timesteps must be integers \(original timestep indices\), got dtype float64"),
+        ([0, 1, 2, 3, 4], r"timesteps must have shape \[T\] = \(3,\), got \(5,\)"),
+        ([[0, 1, 2]], r"timesteps must have shape \[T\] = \(3,\), got \(1, 3\)"),
+        ([-1, 4, 9], r"timesteps must be >= 0 and strictly increasing, got \[-1, 4, 9\]"),
+        ([0, 9, 4], r"timesteps must be >= 0 and strictly increasing"),
+    ],
+)
+@pytest.mark.parametrize("build", ["betas", "alphas_cumprod", "log_snr"])
+def test_schedule_constructors_reject_bad_timesteps(build, timesteps, match):
+    betas = np.array([0.1, 0.2, 0.3])
+    abar = np.cumprod(1.0 - betas)
+    values = {"betas": betas, "alphas_cumprod": abar, "log_snr": np.log(abar / (1.0 - abar))}[build]
+    make = {"betas": dj.schedule_from_betas, "alphas_cumprod": dj.schedule_from_alphas_cumprod,
+            "log_snr": dj.schedule_from_log_snr}[build]
+    with pytest.raises(ValueError, match=match):
+        make(values, timesteps=timesteps)
+    # Valid original indices (a respacing's) are kept as given.
+    np.testing.assert_array_equal(make(values, timesteps=[0, 4, 9]).timesteps, [0, 4, 9])
+
+
 def test_schedule_from_alphas_cumprod_rejects_bad_shape():
     with pytest.raises(ValueError, match=r"alphas_cumprod must be a non-empty \[T\] vector"):
         dj.schedule_from_alphas_cumprod(np.full((2, 2), 0.5))
@@ -211,6 +234,24 @@ def test_prediction_conversions_reject_unknown_prediction(schedule, fn):
         fn(schedule, "epsilon", X, X, TS)
 
 
+@pytest.mark.parametrize(
+    "fn,args",
+    [
+        (dj.x0_from_eps, (X, TS, jnp.zeros((3, 4, 4, 1)))),
+        (dj.eps_from_x0, (X, TS, jnp.zeros((4, 4, 2)))),
+        (dj.x0_from_v, (X, TS, jnp.zeros((3, 4, 4, 1)))),
+        (dj.eps_from_v, (X, TS, jnp.zeros((3, 1, 1, 2)))),
+        (dj.v_from_x0_eps, (X, jnp.zeros((3, 4, 4, 1)), TS)),
+        (lambda s, *a: dj.x0_from_prediction(s, "x0", *a), (X, TS, jnp.zeros((3, 4, 4, 1)))),
+        (lambda s, *a: dj.eps_from_prediction(s, "eps", *a), (X, TS, jnp.zeros((3, 4, 4, 1)))),
+        (lambda s, *a: dj.prediction_target(s, "eps", *a), (X, jnp.zeros((3, 4, 4, 1)), TS)),
+    ],
+)
+def test_prediction_conversions_reject_broadcastable_shapes(schedule, fn, args):
+    with pytest.raises(ValueError, match=r"shapes must match"):
+        fn(schedule, *args)
+
+
 def test_prediction_conversions_reject_out_of_range_t(schedule):
     with pytest.raises(ValueError, match=r"t must lie in"):
         dj.x0_from_eps(schedule, X, jnp.array([0, 1, 50]), X)
@@ -238,6 +279,29 @@ def test_prior_bpd_rejects_unbatched_input(schedule):
 def test_min_snr_weight_rejects_unknown_prediction(schedule):
     with pytest.raises(ValueError, match=r"unknown prediction 'epsilon'"):
         dj.min_snr_weight(schedule, TS, gamma=5.0, prediction="epsilon")
+
+
+def test_min_snr_weight_rejects_bad_gamma_and_t(schedule):
+    with pytest.raises(ValueError, match=r"gamma must be positive, got -1"):
+        dj.min_snr_weight(schedule, TS, gamma=-1.0, prediction="eps")
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 49\], got values in \[-1, 50\]"):
+        dj.min_snr_weight(schedule, jnp.array([-1, 50]), gamma=5.0, prediction="eps")
+    with pytest.raises(ValueError, match=r"t must be an int array \[B\]"):
+        dj.min_snr_weight(schedule, jnp.array(3), gamma=5.0, prediction="eps")
+
+
+def test_min_snr_gamma_may_be_traced(schedule):
+    # A traced gamma (e.g. swept under vmap or passed through jit) is not value-checked; the
+    # result equals the concrete computation, and min(SNR, gamma) / SNR by hand.
+    key = jax.random.PRNGKey(1)
+    x0 = jax.random.uniform(key, SHAPE, minval=-1.0, maxval=1.0)
+    noise = jax.random.normal(jax.random.fold_in(key, 1), SHAPE)
+    model = lambda x, t: 0.5 * x
+    traced = jax.jit(lambda g: dj.training_losses(model, schedule, x0, TS, noise, min_snr_gamma=g).loss)(2.0)
+    concrete = dj.training_losses(model, schedule, x0, TS, noise).mse
+    abar = np.asarray(schedule.alphas_cumprod, np.float64)[np.asarray(TS)]
+    snr = abar / (1.0 - abar)
+    np.testing.assert_allclose(traced, concrete * np.minimum(snr, 2.0) / snr, rtol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -291,8 +355,18 @@ def test_nll_bpd_rejects(schedule):
         dj.nll_bpd(zeros_model, schedule, jnp.zeros((4,)), jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match=r"unknown prediction 'score'"):
         dj.nll_bpd(zeros_model, schedule, X, jax.random.PRNGKey(0), prediction="score")
+    on_grid = jnp.round((X + 1.0) * 127.5) / 127.5 - 1.0
     with pytest.raises(ValueError, match=r"model output must have shape \(3, 4, 4, 4\)"):
-        dj.nll_bpd(zeros_model, schedule, X, jax.random.PRNGKey(0), variance="learned_range")
+        dj.nll_bpd(zeros_model, schedule, on_grid, jax.random.PRNGKey(0), variance="learned_range")
+    # Data not scaled to the 8-bit grid in [-1, 1]: out of range, and [0, 1] data (k / 255).
+    with pytest.raises(ValueError, match=r"scaled to \[-1, 1\], got values in \[0, 255\]"):
+        dj.nll_bpd(zeros_model, schedule, jnp.full((3, 4, 4, 1), 255.0).at[0].set(0.0), jax.random.PRNGKey(0))
+    in_unit = jnp.arange(48, dtype=jnp.float32).reshape(3, 4, 4, 1) / 255.0
+    with pytest.raises(ValueError, match=r"8-bit grid .* 0.5 bins off it"):
+        dj.nll_bpd(zeros_model, schedule, in_unit, jax.random.PRNGKey(0))
+    # The same values rescaled to [-1, 1] are accepted (a finite bound).
+    assert np.isfinite(np.asarray(dj.nll_bpd(zeros_model, schedule, in_unit * 255.0 / 127.5 - 1.0,
+                                             jax.random.PRNGKey(0)).total)).all()
 
 
 # --- Timestep sampling ------------------------------------------------------------------------
@@ -310,6 +384,18 @@ def test_update_loss_history_rejects_mismatched_shapes():
         dj.update_loss_history(h, jnp.array([0, 1, 2]), jnp.array([1.0, 2.0]))
     with pytest.raises(ValueError, match=r"t and losses must both be \[B\]"):
         dj.update_loss_history(h, jnp.zeros((2, 2), jnp.int32), jnp.zeros((2, 2)))
+
+
+def test_update_loss_history_rejects_out_of_range_t():
+    # Out-of-range rows would be clamped to T - 1 or dropped by the scatter.
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 3\], got values in \[-1, 5\]"):
+        dj.update_loss_history(dj.init_loss_history(4, 2), jnp.array([-1, 5]), jnp.array([1.0, 2.0]))
+
+
+@pytest.mark.parametrize("batch_size", [0, -2, 2.0, True])
+def test_sample_timesteps_rejects_bad_batch_size(batch_size):
+    with pytest.raises(ValueError, match=r"batch_size must be an int >= 1"):
+        dj.sample_timesteps(jax.random.PRNGKey(0), batch_size, 10)
 
 
 def test_sample_timesteps_rejects_history_of_another_T():
@@ -343,6 +429,11 @@ def test_sample_timesteps_rejects_history_of_another_T():
         ({"num_steps": 0}, ValueError, rf"num_steps must be in \[1, {T}\], got 0"),
         ({"num_steps": 10.0}, TypeError, r"num_steps must be an int or None, got 10\.0"),
         ({"num_steps": True}, TypeError, r"num_steps must be an int or None"),
+        # Options a sampler would ignore.
+        ({"eta": 0.5}, ValueError, r"eta=0\.5 applies to sampler='ddim' only; 'ddpm' has no eta"),
+        ({"sampler": "dpm_solver++", "eta": 1.0}, ValueError, r"'dpm_solver\+\+' has no eta"),
+        ({"sampler": "ddim", "spacing": "log_snr"}, ValueError, r"spacing='log_snr' chooses the rows kept by num_steps"),
+        ({"x_T": jnp.zeros(SHAPE, jnp.int32)}, TypeError, r"x_T must be a floating-point array"),
     ],
 )
 def test_sample_rejects(schedule, kwargs, error, match):
@@ -356,9 +447,32 @@ def test_sample_rejects_bad_shape(schedule, shape):
         dj.sample(zeros_model, schedule, shape, jax.random.PRNGKey(0))
 
 
-def test_sample_rejects_model_output_of_wrong_shape(schedule):
-    with pytest.raises(ValueError, match=r"model output must have shape \(3, 4, 4, 4\) for variance='learned_range'"):
-        dj.sample(zeros_model, schedule, SHAPE, jax.random.PRNGKey(0), variance="learned_range")
+def test_sample_rejects_a_shape_of_non_integers(schedule):
+    with pytest.raises(TypeError, match=r"shape must be a sequence of ints, got \(2\.7, 4, 4, 1\)"):
+        dj.sample(zeros_model, schedule, (2.7, 4, 4, 1), jax.random.PRNGKey(0))
+
+
+def one_channel_model(x, t):
+    return jnp.zeros_like(x[..., :1])
+
+
+def double_channel_model(x, t):
+    return jnp.zeros(x.shape[:-1] + (2 * x.shape[-1],), x.dtype)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm_solver++"])
+@pytest.mark.parametrize(
+    "model,variance,expected",
+    [
+        (zeros_model, "learned_range", r"\(3, 4, 4, 4\) for variance='learned_range'"),  # C channels, 2C needed
+        (one_channel_model, "fixed_small", r"\(3, 4, 4, 2\) for variance='fixed_small'.*got \(3, 4, 4, 1\)"),
+        (double_channel_model, "fixed_small", r"\(3, 4, 4, 2\) for variance='fixed_small'.*got \(3, 4, 4, 4\)"),
+    ],
+)
+def test_sample_rejects_model_output_of_wrong_shape(schedule, sampler, model, variance, expected):
+    # Every sampler checks before it runs: a broadcastable wrong output must not be sampled with.
+    with pytest.raises(ValueError, match=r"model output must have shape " + expected):
+        dj.sample(model, schedule, SHAPE, jax.random.PRNGKey(0), sampler=sampler, num_steps=4, variance=variance)
 
 
 def cond_model(x, t, y):

@@ -152,6 +152,11 @@ def test_unknown_names(field, value):
     ("model.attn_resolutions", (64,), r"config\.model\.attn_resolutions.*64"),
     ("sample.guidance_scale", 1.0, r"config\.sample\.guidance_scale.*num_classes"),
     ("cond_drop_rate", 0.1, r"config\.cond_drop_rate.*num_classes"),
+    # The default sampler is ddpm, which has no eta (sample() would refuse it after training).
+    ("sample.eta", 0.5, r"config\.sample\.eta.*ddim.*'ddpm'"),
+    ("ema_decay", 1.0, r"config\.ema_decay.*initial weights.*< 1"),
+    ("data.data_dir", "None", r"config\.data\.data_dir.*path or None.*'None'"),
+    ("data.data_dir", "", r"config\.data\.data_dir.*path or None.*''"),
 ])
 def test_bad_values(field, value, match):
     def mutate(c):
@@ -246,3 +251,9 @@ def test_unknown_dataset_is_reported_before_compiling(tmp_path):
     with pytest.raises(ValueError, match="no_such_dataset_xyz"):
         trainer.train_and_evaluate(config, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+@pytest.mark.parametrize("workdir", ["", "   "])
+def test_empty_workdir_is_refused(workdir):
+    # An empty --workdir= would put the run's checkpoints and logs in the current directory.
+    _bad(lambda c: None, r"workdir must be a non-empty path", workdir=workdir)

@@ -158,6 +158,20 @@ def test_progress_prints_plain_lines_with_rates_and_eta():
     assert len(lines) == 2
 
 
+def test_progress_leaves_excluded_time_out_of_the_rate():
+    stream = io.StringIO()
+    # Calls at steps 10 and 20 at 0 s and 8 s, of which 6 s were an evaluation: 10 steps in 2 s.
+    logger = ProgressLogger(100, batch_size=4, every_steps=10, stream=stream, clock=_FakeClock([0.0, 8.0, 9.0]))
+    logger.exclude(100.0)  # before the first update: no interval yet, nothing to leave out
+    logger.update(10, {})
+    logger.exclude(6.0)
+    logger.update(20, {})
+    logger.update(30, {})  # the exclusion applied to one interval only: 10 steps in 1 s
+    lines = stream.getvalue().splitlines()
+    assert "5.00 steps/s | 20.0 img/s" in lines[1], lines
+    assert "10.00 steps/s | 40.0 img/s" in lines[2], lines
+
+
 def test_progress_first_call_on_a_print_step_has_no_rate_and_last_step_prints():
     stream = io.StringIO()
     logger = ProgressLogger(7300, batch_size=128, every_steps=100, stream=stream, clock=_FakeClock([10.0, 3610.0]))

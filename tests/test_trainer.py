@@ -248,6 +248,38 @@ def test_resuming_with_changed_fields_warns_naming_them_and_records_the_new_conf
     assert checkpointing.load_config(copy)["batch_size"] == 16
 
 
+def test_config_changes_are_judged_against_the_step_restored_not_a_damaged_newer_one(digits_run, tmp_path, caplog):
+    """Step 60 was (as if) written after a resume with lr 0.001 and a 40-step diffusion, then damaged:
+    step 30 is restored, so the changes to report are those against step 30's config."""
+    config, workdir, _ = digits_run
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    step_dir = copy / "checkpoints" / "60"
+    config_file = step_dir / checkpointing._CONFIG / "metadata"
+    newer = json.loads(config_file.read_text())
+    newer["optim"]["learning_rate"] = 1e-3
+    newer["diffusion"]["num_timesteps"] = 40
+    config_file.write_text(json.dumps(newer))
+    victim = max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+
+    # Evaluating under step 60's settings: they match the newest step's config, not step 30's,
+    # whose parameters are the ones loaded (read-only: the damaged step is skipped, not moved).
+    forty = config.copy_and_resolve_references()
+    forty.diffusion.num_timesteps = 40
+    with pytest.raises(ValueError, match=r"checkpoint step 30 .*diffusion\.num_timesteps 50 -> 40"):
+        trainer.evaluate(forty, str(copy))
+
+    resumed = _training_only(config, num_train_steps=31)
+    resumed.optim.learning_rate = 1e-3
+    with caplog.at_level("WARNING", logger=trainer.logger.name):
+        assert int(trainer.train_and_evaluate(resumed, str(copy)).step) == 31
+    warning = next(r.getMessage() for r in caplog.records if "differs from the checkpoint's" in r.getMessage())
+    assert "Resuming from step 30" in warning and "optim.learning_rate 0.002 -> 0.001" in warning
+
+
 def test_evaluate_without_a_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="No checkpoint"):
         trainer.evaluate(_tiny_digits_config(10), str(tmp_path))

@@ -139,6 +139,8 @@ def _reraise_as_field(field: str, build: Callable[[], Any]) -> Any:
 
 def _check_workdir(workdir: str) -> None:
     """The workdir exists or can be created, and a file can be written in it (local or a bucket)."""
+    if not isinstance(workdir, (str, os.PathLike)) or not str(workdir).strip():
+        raise ValueError(f"workdir must be a non-empty path, got {workdir!r}")
     try:
         _files.check_writable(workdir)
     except OSError as e:
@@ -179,7 +181,14 @@ def validate_config(
     for count, what in ((device_count, "devices"), (process_count, "processes")):
         if config.batch_size % count:
             _fail("batch_size", f"{config.batch_size} is not divisible by the {count} {what} of this job")
+    data_dir = config.data.data_dir
+    if data_dir is not None and (not isinstance(data_dir, str) or data_dir.strip() in ("", "None")):
+        # `--config.data.data_dir=None` arrives as the string 'None' (a folder of that name), '' as the cwd.
+        _fail("data.data_dir", f"must be a path or None (unset it to use the default), got {data_dir!r}")
     _check_range(config, "ema_decay", 0.0, 1.0)
+    if config.ema_decay == 1.0:
+        _fail("ema_decay", "1.0 would keep the EMA at the initial weights, which evaluation and sampling use; "
+              "it must be < 1")
     _check_range(config, "cond_drop_rate", 0.0, 1.0, high_open=True)
     _reraise_as_field("distributed", lambda: parallel.distributed_setting(config.distributed))
     _check_choice(config, "compute_dtype", COMPUTE_DTYPES)
@@ -240,6 +249,9 @@ def validate_config(
         if steps > num_timesteps:
             _fail("sample.num_steps", f"{steps} exceeds diffusion.num_timesteps={num_timesteps}")
     _check_range(config, "sample.eta", 0.0, 1.0)
+    if config.sample.eta != 0 and config.sample.sampler != "ddim":
+        _fail("sample.eta", f"{config.sample.eta} applies to sample.sampler='ddim' only, "
+              f"got sampler={config.sample.sampler!r}")
     _check_int(config, "sample.num_images", minimum=0)
     _check_range(config, "sample.guidance_scale", 0.0, math.inf)
     if config.sample.guidance_scale > 0 and config.model.num_classes is None:
@@ -592,8 +604,13 @@ def _restore_for_inference(job: _Job, workdir: str) -> TrainState:
             raise FileNotFoundError(
                 f"No checkpoint in {os.path.join(workdir, CHECKPOINT_SUBDIR)}: train first "
                 "(--mode=train) or pass the workdir of a trained run.")
-        _check_inference_config(job.config, ckpt.saved_config(), ckpt.latest_step(), ckpt.directory)
-        return ckpt.restore(job.abstract_state())
+        newest = ckpt.latest_step()
+        _check_inference_config(job.config, ckpt.saved_config(newest), newest, ckpt.directory)
+        state = ckpt.restore(job.abstract_state())
+        restored = int(state.step)
+        if restored != newest:  # the newest step was damaged and skipped: check against the one restored
+            _check_inference_config(job.config, ckpt.saved_config(restored), restored, ckpt.directory)
+        return state
     finally:
         ckpt.close()
 
@@ -633,15 +650,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # --- 2. State: fresh, or restored from the latest checkpoint ----------------
     ckpt = job.checkpointer(workdir)  # every checkpoint also stores the config it was saved with
     if ckpt.latest_step() is not None:
-        saved_config = ckpt.saved_config()
-        _warn_about_resumed_changes(config, saved_config, ckpt.latest_step())
         try:
             state = ckpt.restore(job.abstract_state(), data_iterator=train_iter)
         except ValueError as e:
+            saved_config = ckpt.saved_config()
             changes = _config_changes(saved_config, config) if saved_config is not None else []
             if not changes:
                 raise
             raise ValueError(f"{e}\nThe config differs from the checkpoint's in: {_describe(changes)}.") from e
+        # Compared with the step restored: a damaged newest step is moved aside and an older one used.
+        _warn_about_resumed_changes(config, ckpt.saved_config(int(state.step)), int(state.step))
         logger.info("Resumed from step %d in %s.", int(state.step), ckpt.directory)
     else:
         state = job.create_state()
@@ -687,6 +705,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                              every_steps=config.log_every_steps, enabled=is_chief)
     pending_metrics: list[dict[str, jax.Array]] = []
     last_log = (start_step, time.monotonic())
+    # Seconds since the last log not spent training (evaluations, samples, compiling a program
+    # first used after the first call): left out of the logged rates.
+    not_training = 0.0
+    compiled = set()
     stopped_early = False
     step = start_step
     calls = 0  # the preemption sync point counts calls: the same on every process
@@ -699,20 +721,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 local = [next(train_iter) for _ in range(k)]
                 batch = parallel.shard_batch(jax.tree.map(lambda *xs: np.stack(xs), *local), job.mesh,
                                              stacked=True)
+            dispatched = time.monotonic()
             state, metrics = train_steps[k](state, batch, train_key)
+            if k not in compiled:  # this call compiled the program (jit compiles before dispatching)
+                compiled.add(k)
+                not_training += time.monotonic() - dispatched
+                progress.exclude(time.monotonic() - dispatched)
             pending_metrics.append(metrics)
             step += k
             calls += 1
             if calls == 1 and step % config.log_every_steps:
                 # Rates start after the first call, which compiled the step (as the console's).
-                last_log = (step, time.monotonic())
+                last_log, not_training = (step, time.monotonic()), 0.0
 
             if step % config.log_every_steps == 0 or step == config.num_train_steps:
                 since_log, pending_metrics = pending_metrics, []
                 summary = _summarize(since_log)
                 now = time.monotonic()
-                steps_per_sec = (step - last_log[0]) / max(now - last_log[1], 1e-9)
-                last_log = (step, now)
+                steps_per_sec = (step - last_log[0]) / max(now - last_log[1] - not_training, 1e-9)
+                last_log, not_training = (step, now), 0.0
                 summary.update(steps_per_sec=steps_per_sec, images_per_sec=steps_per_sec * config.batch_size)
                 writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
                 progress.update(step, {"loss": summary["loss"], "grad_norm": summary["grad_norm"]})
@@ -734,6 +761,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 progress.update(step, {})
 
             if config.eval_every_steps and step % config.eval_every_steps == 0 and step < config.num_train_steps:
+                evaluating = time.monotonic()
                 if config.eval.num_batches_during_training:
                     result = job.nll_over_split(nll_fn, state, job.eval_key,
                                                 max_batches=config.eval.num_batches_during_training)
@@ -741,6 +769,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     logger.info("Step %d: NLL %.4f bits/dim on %d test images.", step,
                                 result["nll_bpd"], result["num_examples"])
                 write_samples(step)
+                not_training += time.monotonic() - evaluating
+                progress.exclude(time.monotonic() - evaluating)
 
             ckpt.save(step, state, data_iterator=train_iter)
             if stop.requested or parallel.reached_preemption_sync_point(calls):
