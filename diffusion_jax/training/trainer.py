@@ -725,8 +725,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             state, metrics = train_steps[k](state, batch, train_key)
             if k not in compiled:  # this call compiled the program (jit compiles before dispatching)
                 compiled.add(k)
-                not_training += time.monotonic() - dispatched
-                progress.exclude(time.monotonic() - dispatched)
+                spent = time.monotonic() - dispatched
+                not_training += spent
+                progress.exclude(spent)
             pending_metrics.append(metrics)
             step += k
             calls += 1
@@ -769,8 +770,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     logger.info("Step %d: NLL %.4f bits/dim on %d test images.", step,
                                 result["nll_bpd"], result["num_examples"])
                 write_samples(step)
-                not_training += time.monotonic() - evaluating
-                progress.exclude(time.monotonic() - evaluating)
+                spent = time.monotonic() - evaluating
+                not_training += spent
+                progress.exclude(spent)
 
             ckpt.save(step, state, data_iterator=train_iter)
             if stop.requested or parallel.reached_preemption_sync_point(calls):
