@@ -285,6 +285,25 @@ def test_evaluate_without_a_checkpoint_is_a_clear_error(tmp_path):
         trainer.evaluate(_tiny_digits_config(10), str(tmp_path))
 
 
+def test_a_mistyped_workdir_is_reported_without_creating_it(tmp_path):
+    mistyped = tmp_path / "runs" / "digts"
+    for run in (trainer.evaluate, lambda c, w: trainer.sample(c, w, num_images=2)):
+        with pytest.raises(FileNotFoundError, match=r"No checkpoint in .*digts"):
+            run(_tiny_digits_config(10), str(mistyped))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resuming_at_or_past_the_last_step_says_there_is_nothing_to_train(digits_run, tmp_path, caplog):
+    config, workdir, _ = digits_run
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    with caplog.at_level("WARNING", logger=trainer.logger.name):
+        state = trainer.train_and_evaluate(_training_only(config, num_train_steps=30), copy)
+    assert int(state.step) == 60  # nothing trained, nothing undone
+    assert any("at step 60, at or past num_train_steps=30: nothing to train" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
 def test_one_cifar10_training_step_on_mock_data(tmp_path):
     config = cifar10_config.get_config()
     config.data.data_dir = str(tmp_path / "tfds")

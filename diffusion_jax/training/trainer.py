@@ -586,8 +586,14 @@ def _write_json(path: str, payload: dict) -> None:
     _files.write_file(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
-def _setup(config, workdir: str) -> tuple[input_pipeline.DatasetInfo, _Job]:
-    """Validation, devices and data checks shared by every mode (nothing compiled yet)."""
+def _setup(config, workdir: str, *, trained: bool = False) -> tuple[input_pipeline.DatasetInfo, _Job]:
+    """Validation, devices and data checks shared by every mode (nothing compiled yet).
+
+    With ``trained`` (evaluate, sample) the workdir must already hold checkpoints: a
+    mistyped workdir is reported before anything is created.
+    """
+    if trained and not _files.as_path(workdir).joinpath(CHECKPOINT_SUBDIR).exists():
+        raise FileNotFoundError(_no_checkpoint_message(workdir))
     parallel.maybe_initialize_distributed(config.distributed)
     validate_config(config, device_count=jax.device_count(), process_count=jax.process_count(),
                     workdir=workdir)
@@ -597,13 +603,16 @@ def _setup(config, workdir: str) -> tuple[input_pipeline.DatasetInfo, _Job]:
     return info, _Job(config, info.image_shape)
 
 
+def _no_checkpoint_message(workdir: str) -> str:
+    return (f"No checkpoint in {os.path.join(workdir, CHECKPOINT_SUBDIR)}: train first "
+            "(--mode=train) or pass the workdir of a trained run.")
+
+
 def _restore_for_inference(job: _Job, workdir: str) -> TrainState:
     ckpt = job.checkpointer(workdir, read_only=True)
     try:
         if ckpt.latest_step() is None:
-            raise FileNotFoundError(
-                f"No checkpoint in {os.path.join(workdir, CHECKPOINT_SUBDIR)}: train first "
-                "(--mode=train) or pass the workdir of a trained run.")
+            raise FileNotFoundError(_no_checkpoint_message(workdir))
         newest = ckpt.latest_step()
         _check_inference_config(job.config, ckpt.saved_config(newest), newest, ckpt.directory)
         state = ckpt.restore(job.abstract_state())
@@ -665,6 +674,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         state = job.create_state()
     checkpointing.save_config(workdir, config.to_dict())  # the config this run goes on with
     start_step = int(state.step)
+    if start_step >= config.num_train_steps:
+        logger.warning("The checkpoint is at step %d, at or past num_train_steps=%d: nothing to train; "
+                       "the final samples%s are made again from it.", start_step, config.num_train_steps,
+                       " and NLL" if config.eval.nll_at_end else "")
 
     # --- 3. Programs --------------------------------------------------------------
     # One step per call, and with steps_per_dispatch = K > 1 also K steps per call
@@ -808,7 +821,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     Returns:
       ``{"nll_bpd", "num_examples", "step", "split", "dataset"}``.
     """
-    _, job = _setup(config, workdir)
+    _, job = _setup(config, workdir, trained=True)
     state = _restore_for_inference(job, workdir)
     step = int(state.step)
     result = job.nll_over_split(job.nll_program(), state, job.eval_key)
@@ -852,7 +865,7 @@ def sample(
             config.sample.num_steps = num_steps
     if config.sample.num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {config.sample.num_images}")
-    _, job = _setup(config, workdir)
+    _, job = _setup(config, workdir, trained=True)
     state = _restore_for_inference(job, workdir)
     step = int(state.step)
     s = config.sample
