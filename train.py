@@ -5,7 +5,10 @@
     python train.py --config=configs/digits.py --workdir=runs/digits --mode=sample \
         --num_images=100 --sampler=ddim --num_steps=50
 
-Any config field can be overridden: --config.batch_size=64 --config.model.ch=64.
+Any config field can be overridden: --config.batch_size=64 --config.model.ch=64;
+--config.FIELD=None sets a field to None, and
+--config.diffusion.schedule_kwargs.KEY=VALUE sets one of the schedule's arguments
+(diffusion_jax/training/overrides.py).
 """
 import logging
 import sys
@@ -16,7 +19,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from diffusion_jax import allocator, parallel, xla_cpu
-from diffusion_jax.training import trainer
+from diffusion_jax.training import overrides, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                           lock_config=True)
@@ -88,6 +91,34 @@ def _wants_jemalloc(argv) -> bool:
     return wants
 
 
+def _usage_error(message: str) -> None:
+    """Exits as absl does on a bad flag: one line, no traceback."""
+    sys.stderr.write(f"FATAL Flags parsing error: {message}\n"
+                     "Pass --helpshort or --helpfull to see help on flags.\n")
+    sys.exit(1)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, plus the ``--config.`` overrides ml_collections cannot take
+    (``FIELD=None``, ``diffusion.schedule_kwargs.KEY=VALUE``) and a one-line error for
+    a misspelled field (diffusion_jax/training/overrides.py)."""
+    argv = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)
+    argv, late = overrides.split_late_overrides(argv)
+    sys.argv = argv  # ml_collections reads the config overrides from sys.argv
+    try:
+        rest = app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:
+        message = overrides.unknown_field_message(e, argv)
+        if message is None:
+            raise
+        _usage_error(message)
+    try:
+        overrides.apply_late_overrides(_CONFIG.value, late)
+    except overrides.OverrideError as e:
+        _usage_error(str(e))
+    return rest
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -126,4 +157,4 @@ def main(argv):
 if __name__ == "__main__":
     if _wants_jemalloc(sys.argv):
         allocator.relaunch_under_jemalloc()  # returns only where it does not apply
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -4,7 +4,7 @@ Every other config in this folder imports this one and overrides a few
 fields. Any field can be overridden on the command line:
 
     python train.py --config=configs/cifar10.py --workdir=runs/c10 \
-        --config.batch_size=256 --config.model.dropout=0.2
+        --config.batch_size=256 --config.model.dropout=0.2 --config.sample.num_steps=None
 
 `diffusion_jax.training.trainer.validate_config` checks every field before
 anything compiles. The defaults here are the DDPM CIFAR-10 recipe (Ho et al.
@@ -105,7 +105,8 @@ def get_config() -> ml_collections.ConfigDict:
     # "linear" (Ho et al.), "cosine" (Nichol & Dhariwal), "sigmoid" or "log_snr_linear".
     config.diffusion.schedule = "linear"
     # Keyword arguments of the named schedule, e.g. beta_start/beta_end for
-    # "linear" (defaults 1e-4, 0.02 at T=1000), s for "cosine".
+    # "linear" (defaults 1e-4, 0.02 at T=1000), s for "cosine"; on the command
+    # line --config.diffusion.schedule_kwargs.beta_end=0.03.
     config.diffusion.schedule_kwargs = ml_collections.ConfigDict()
     # Learn the noise schedule (dj.LearnedSchedule, Kingma et al. 2021) jointly
     # with the model, instead of `schedule`. Needs loss="vlb".

@@ -26,12 +26,11 @@ from diffusion_jax.training import trainer
 pytestmark = pytest.mark.slow
 
 
-def _read_scalars(logdir):
-    """{tag: [(step, value)]} from the TensorBoard event files in ``logdir``.
+def _read_summaries(logdir):
+    """(step, summary value) of every event in the TensorBoard event files in ``logdir``.
 
     Event files are TFRecords: uint64 length, uint32 crc, payload, uint32 crc.
     """
-    scalars = {}
     for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
         data = open(path, "rb").read()
         offset = 0
@@ -40,9 +39,25 @@ def _read_scalars(logdir):
             event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
             offset += 12 + length + 4
             for value in event.summary.value:
-                if value.HasField("simple_value"):
-                    scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+                yield event.step, value
+
+
+def _read_scalars(logdir):
+    """{tag: [(step, value)]} of the scalars in ``logdir``'s event files."""
+    scalars = {}
+    for step, value in _read_summaries(logdir):
+        if value.HasField("simple_value"):
+            scalars.setdefault(value.tag, []).append((step, value.simple_value))
     return scalars
+
+
+def _read_image_steps(logdir):
+    """{tag: [step]} of the images in ``logdir``'s event files."""
+    images = {}
+    for step, value in _read_summaries(logdir):
+        if value.HasField("image"):
+            images.setdefault(value.tag, []).append(step)
+    return images
 
 
 def _tiny_digits_config(num_train_steps):
@@ -131,6 +146,10 @@ def test_evaluate_and_sample_modes_from_the_checkpoint(digits_run):
     saved = np.load(os.path.join(workdir, "samples", "sample_step60_dpm_solver++4.npz"))
     np.testing.assert_array_equal(saved["images"], images)
     assert os.path.exists(os.path.join(workdir, "samples", "sample_step60_dpm_solver++4.png"))
+    # In TensorBoard beside training's grids (at 30 and 60), under its own tag.
+    images = _read_image_steps(os.path.join(workdir, "tensorboard"))
+    assert images["samples/dpm_solverpp4"] == [60]
+    assert images["samples"] == [30, 60]
 
 
 def test_sigterm_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one(digits_run, tmp_path):
@@ -290,6 +309,19 @@ def test_a_mistyped_workdir_is_reported_without_creating_it(tmp_path):
     for run in (trainer.evaluate, lambda c, w: trainer.sample(c, w, num_images=2)):
         with pytest.raises(FileNotFoundError, match=r"No checkpoint in .*digts"):
             run(_tiny_digits_config(10), str(mistyped))
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("data", [
+    {"name": "folder", "data_dir": "MISSING"},  # no such image folder
+    {"name": "digits", "train_split": "validation"},  # no such split
+])
+def test_a_data_error_in_a_new_run_creates_no_workdir(tmp_path, data):
+    config = _tiny_digits_config(10)
+    with config.unlocked():
+        config.data.update({k: str(tmp_path / "nowhere") if v == "MISSING" else v for k, v in data.items()})
+    with pytest.raises((ValueError, FileNotFoundError), match=r"config\.data"):
+        trainer.train_and_evaluate(config, str(tmp_path / "runs" / "new"))
     assert not (tmp_path / "runs").exists()
 
 

@@ -562,13 +562,14 @@ class _StopSignals:
 
 
 def _save_samples(workdir: str, name: str, images: np.ndarray, writer, step: int,
-                  *, with_npz: bool = False) -> str | None:
-    """Writes a PNG grid (and optionally the raw samples) on process 0; returns the PNG path."""
+                  *, with_npz: bool = False, tag: str = "samples") -> str | None:
+    """Writes a PNG grid (and optionally the raw samples) on process 0, and the grid to
+    TensorBoard under ``tag``; returns the PNG path."""
     if not np.all(np.isfinite(images)):
         logger.warning("Samples %s contain NaN/Inf (the model diverged?); not writing them.", name)
         return None
     grid = metric_writers.image_grid(images)
-    writer.write_images(step, {"samples": grid})
+    writer.write_images(step, {tag: grid})
     if jax.process_index() != 0:
         return None
     path = os.path.join(workdir, SAMPLES_SUBDIR, f"{name}.png")
@@ -595,11 +596,11 @@ def _setup(config, workdir: str, *, trained: bool = False) -> tuple[input_pipeli
     if trained and not _files.as_path(workdir).joinpath(CHECKPOINT_SUBDIR).exists():
         raise FileNotFoundError(_no_checkpoint_message(workdir))
     parallel.maybe_initialize_distributed(config.distributed)
-    validate_config(config, device_count=jax.device_count(), process_count=jax.process_count(),
-                    workdir=workdir)
+    validate_config(config, device_count=jax.device_count(), process_count=jax.process_count())
     # Data errors name the config section too (the pipeline names the dataset and file).
     info = _reraise_as_field("data", lambda: input_pipeline.dataset_info(_data_config(config)))
     _check_data_matches(config, info)
+    _check_workdir(workdir)  # last: it creates a new workdir, which a config or data error leaves uncreated
     return info, _Job(config, info.image_shape)
 
 
@@ -845,7 +846,9 @@ def sample(
     """Draws images with the latest checkpoint's EMA parameters.
 
     Writes ``workdir/samples/sample_step<S>_<sampler><steps>.png`` (a grid)
-    and ``.npz`` (``images``: float32 ``[N, H, W, C]`` in [-1, 1]).
+    and ``.npz`` (``images``: float32 ``[N, H, W, C]`` in [-1, 1]), and the grid
+    to TensorBoard under ``samples/<sampler><steps>`` at step S (dpm_solver++
+    as dpm_solverpp: TensorBoard tags take no "+").
 
     Args:
       config: the run's config; ``sample.*`` gives the defaults.
@@ -874,7 +877,8 @@ def sample(
                                       jax.random.fold_in(job.sample_key, step)))[:s.num_images]
     steps = s.num_steps or config.diffusion.num_timesteps
     with metric_writers.MetricWriter(os.path.join(workdir, TENSORBOARD_SUBDIR)) as writer:
+        # Their own TensorBoard tag: training's grid of the same step is under "samples".
         path = _save_samples(workdir, f"sample_step{step}_{s.sampler}{steps}", images, writer, step,
-                             with_npz=True)
+                             with_npz=True, tag=f"samples/{s.sampler.replace('+', 'p')}{steps}")
     logger.info("Wrote %d samples to %s.", s.num_images, path)
     return images
