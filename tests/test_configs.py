@@ -4,6 +4,7 @@ import math
 import os
 import pathlib
 
+import ml_collections
 import pytest
 
 from configs import default
@@ -257,3 +258,44 @@ def test_unknown_dataset_is_reported_before_compiling(tmp_path):
 def test_empty_workdir_is_refused(workdir):
     # An empty --workdir= would put the run's checkpoints and logs in the current directory.
     _bad(lambda c: None, r"workdir must be a non-empty path", workdir=workdir)
+
+
+def test_the_trainers_field_list_is_configs_default():
+    """trainer._SCHEMA is what validate_config accepts; configs/default.py is what users read."""
+    schema = default.get_config().to_dict()
+    assert set(trainer._SCHEMA[""]) == set(schema)
+    for section, known in trainer._SCHEMA.items():
+        if section in ("data", "model", "optim"):  # dataclasses: configs/default.py sets the usual fields
+            assert set(schema[section]) <= set(known), section
+        elif section:
+            assert set(known) == set(schema[section]), section
+
+
+@pytest.mark.parametrize("field, value, meant", [
+    ("diffusion.predicton", "v", "prediction"),  # would train eps silently
+    ("sample.num_imags", 0, "num_images"),
+    ("eval_every_step", 1, "eval_every_steps"),
+    ("optim.learning_rat", 1.0, "learning_rate"),
+    ("model.chh", 64, "ch"),
+    ("data.imagesize", 16, "image_size"),
+    ("checkpoint.max_keep", 1, "max_to_keep"),
+    ("eval.zzz", 1, None),  # nothing close: no suggestion
+])
+def test_a_field_the_config_does_not_have_is_named(field, value, meant):
+    config = default.get_config()
+    *parents, name = field.split(".")
+    section = config
+    for parent in parents:
+        section = section[parent]
+    section[name] = value
+    hint = f' \\(did you mean "{meant}"\\?\\)' if meant else ""
+    with pytest.raises(ValueError, match=rf"^config\.{field}: is not a config field{hint}; configs/default\.py"):
+        trainer.validate_config(config, device_count=1)
+
+
+def test_a_section_set_to_a_value_is_named():
+    as_dict = default.get_config().to_dict()
+    as_dict["eval"] = 3  # (ml_collections refuses the assignment itself)
+    config = ml_collections.ConfigDict(as_dict)
+    with pytest.raises(TypeError, match=r"^config\.eval: must be a section"):
+        trainer.validate_config(config, device_count=1)

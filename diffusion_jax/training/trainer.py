@@ -26,6 +26,8 @@ logs and images. Only process 0 writes files other than checkpoints.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import io
 import json
 import logging
@@ -120,6 +122,43 @@ def _check_range(config, field: str, low: float, high: float, *, high_open: bool
         _fail(field, f"must be a finite number in [{low}, {high}{')' if high_open else ']'}, got {value}")
 
 
+def _dataclass_fields(cls, derived: tuple[str, ...] = ()) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in derived)
+
+
+# Every field a config may have, by section ("" the top level): configs/default.py
+# sets them all (tests/test_configs.py checks the two agree). A misspelled field in
+# a config file (config.diffusion.predicton = "v") would otherwise be ignored.
+_SCHEMA = {
+    "": ("num_train_steps", "batch_size", "seed", "log_every_steps", "checkpoint_every_steps",
+         "eval_every_steps", "ema_decay", "max_consecutive_nonfinite", "cond_drop_rate", "distributed",
+         "compute_dtype", "steps_per_dispatch", "data", "model", "diffusion", "optim", "sample", "eval",
+         "checkpoint"),
+    "data": _dataclass_fields(input_pipeline.DataConfig),
+    "model": _dataclass_fields(UNetConfig, derived=("out_channels", "dtype")),
+    "diffusion": ("num_timesteps", "schedule", "schedule_kwargs", "learned_schedule", "prediction", "variance",
+                  "loss", "min_snr_gamma", "vlb_weight", "timestep_sampler"),
+    "optim": _dataclass_fields(OptimConfig, derived=("total_steps",)),
+    "sample": ("sampler", "num_steps", "eta", "num_images", "guidance_scale", "clip_denoised"),
+    "eval": ("batch_size", "num_batches_during_training", "nll_at_end", "clip_denoised"),
+    "checkpoint": ("max_to_keep", "async_save"),
+}
+
+
+def _check_known_fields(config) -> None:
+    """Every section is a section and every field one of ``_SCHEMA``'s, naming the first that is not."""
+    for section, known in _SCHEMA.items():
+        node = _get(config, section) if section else config
+        if not isinstance(node, (ml_collections.ConfigDict, dict)):
+            _fail(section, f"must be a section (a ConfigDict), got {node!r}", TypeError)
+        for name in node:
+            if name not in known:
+                close = difflib.get_close_matches(str(name), known, n=1)
+                hint = f' (did you mean "{close[0]}"?)' if close else ""
+                _fail(f"{section}.{name}" if section else str(name),
+                      f"is not a config field{hint}; configs/default.py lists them all")
+
+
 def _get(config, field: str):
     value = config
     for part in field.split("."):
@@ -166,6 +205,7 @@ def validate_config(
       process_count: processes of the job (each reads its share of the batch).
       workdir: if given, must be writable (created if missing).
     """
+    _check_known_fields(config)
     # Top-level fields.
     for field, minimum in (("num_train_steps", 1), ("batch_size", 1), ("seed", 0),
                            ("log_every_steps", 1), ("checkpoint_every_steps", 1),
