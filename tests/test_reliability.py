@@ -521,6 +521,31 @@ def test_bad_input_fails_fast_naming_the_field_and_touches_nothing(name, bad_inp
         assert after == before
 
 
+@pytest.mark.slow
+def test_a_crash_mid_run_finishes_the_checkpoint_in_flight(data_dir, env, tmp_path):
+    """An image that fails only when decoded stops the run mid-epoch; the step saved just
+    before (in the background) is committed before the process exits, not left as a
+    ``.orbax-checkpoint-tmp`` folder that the next start would skip."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(40):
+        _png(images / f"ok_{i:02d}.png", 12, i)
+    _png(images / "bad.png", 12, 99)
+    content = (images / "bad.png").read_bytes()
+    (images / "bad.png").write_bytes(content[:-80])  # a valid header: found only when decoded
+    workdir = tmp_path / "run"
+    proc = _run(_train_py(workdir, data_dir, {
+        "data.name": "folder", "data.data_dir": str(images), "batch_size": 2, "num_train_steps": 40,
+        "log_every_steps": 1, "checkpoint_every_steps": 1, "checkpoint.max_to_keep": 100}), env)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and re.search(r"cannot read image file .*bad\.png", output), output[-3000:]
+    done = max(int(n) for n in re.findall(r"step (\d+)/40", output))  # the last step trained
+    assert 2 <= done < 40, output[-3000:]  # seed 0 puts the bad image past the first batch
+    # Every step trained was saved and committed; nothing is left half-written.
+    assert _committed_steps(workdir) == list(range(1, done + 1))
+    assert not [p.name for p in _checkpoint_dir(workdir).iterdir() if "tmp" in p.name]
+
+
 # =============================================================================
 # 6. Multi-host
 # =============================================================================

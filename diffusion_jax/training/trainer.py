@@ -26,6 +26,7 @@ logs and images. Only process 0 writes files other than checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import io
@@ -567,6 +568,25 @@ def _summarize(metrics: list[dict[str, jax.Array]]) -> dict[str, float]:
     return summary
 
 
+@contextlib.contextmanager
+def _saves_finished_on_error(ckpt: checkpointing.Checkpointer):
+    """On an error in the loop (an unreadable image mid-epoch, out of memory, a second
+    Ctrl-C), the checkpoint being written in the background is finished before the
+    error goes on: otherwise the process exits with the step half-written (only its
+    ``.orbax-checkpoint-tmp`` folder) and the run resumes from the one before,
+    losing up to two checkpoint intervals. One process only: in a multi-process job
+    the commit waits for every process, and the others may be stuck elsewhere."""
+    try:
+        yield
+    except BaseException:
+        if jax.process_count() == 1:
+            try:
+                ckpt.close()  # waits for the save in flight
+            except Exception:  # the original error matters more
+                logger.exception("Could not finish the checkpoint being written when training failed.")
+        raise
+
+
 class _StopSignals:
     """SIGTERM/SIGINT ask the loop to stop after the call (one or `steps_per_dispatch` steps) in flight.
 
@@ -766,7 +786,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     stopped_early = False
     step = start_step
     calls = 0  # the preemption sync point counts calls: the same on every process
-    with _StopSignals() as stop:
+    with _StopSignals() as stop, _saves_finished_on_error(ckpt):
         while step < config.num_train_steps:
             k = per_call if step % per_call == 0 and step + per_call <= config.num_train_steps else 1
             if k == 1:
