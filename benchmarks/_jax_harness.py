@@ -213,11 +213,13 @@ def device_name(devices) -> str:
 
 
 def peak_memory_bytes(devices) -> tuple[int | None, str]:
-    """The largest peak memory over `devices`, and where the figure comes from.
+    """The largest peak memory over `devices` since the process started, and where it comes from.
 
     Accelerators report `peak_bytes_in_use` in `memory_stats()`; the CPU
     backend reports nothing, so the process's maximum resident set size is
     given instead (which also counts the Python interpreter and XLA's compiler).
+    Neither can be reset: in a sweep, a measurement's figure covers the ones
+    before it in the same process (`program_peak_bytes` is per program).
     """
     peaks = []
     for d in devices:
@@ -225,9 +227,29 @@ def peak_memory_bytes(devices) -> tuple[int | None, str]:
         if stats and "peak_bytes_in_use" in stats:
             peaks.append(int(stats["peak_bytes_in_use"]))
     if peaks:
-        return max(peaks), "device.memory_stats()['peak_bytes_in_use'], max over devices"
+        return max(peaks), ("device.memory_stats()['peak_bytes_in_use'], max over devices, "
+                            "since the process started")
     # ru_maxrss is in KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS (ru_maxrss)"
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "process max RSS (ru_maxrss), since the process started")
+
+
+def program_peak_bytes(compiled) -> int | None:
+    """Device memory one call of `compiled` needs, per device: XLA's buffer plan
+    (`memory_analysis()`: arguments, outputs and temporaries, donated buffers
+    counted once), the same on every backend and for every measurement of a sweep.
+    None where the backend does not report it."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # some backends do not implement it
+        return None
+    if stats is None:
+        return None
+    peak = getattr(stats, "peak_memory_in_bytes", None)
+    if peak:
+        return int(peak)
+    return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+               - stats.alias_size_in_bytes)
 
 
 def flops_of(lowered_or_compiled) -> float | None:

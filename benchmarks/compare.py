@@ -33,6 +33,8 @@ import _report
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
+# benchmarks/workloads.py's names, read without importing it (it imports the library and JAX).
+WORKLOAD_NAMES = ("adm_64", "ddpm_cifar10", "tiny")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +63,7 @@ IMPLS = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workload", required=True)
+    p.add_argument("--workload", required=True, choices=WORKLOAD_NAMES)
     p.add_argument("--task", required=True, choices=("train", "sample"))
     p.add_argument("--rounds", type=int, default=2, help="times each implementation is run, alternating")
     p.add_argument("--impls", default="ours,diffusers,lucidrains",
@@ -70,8 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None,
                    help="timed windows (train) or sampler runs (sample) per run (passed through)")
     p.add_argument("--steps", type=int, default=None, help="train: steps per timed window (passed through)")
-    p.add_argument("--dtype", default=None, help="compute dtype, passed through")
-    p.add_argument("--sampler", default=None, help="sample: ddpm, ddim or dpmpp (passed through)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="compute dtype, passed through")
+    p.add_argument("--sampler", default=None, choices=("ddpm", "ddim", "dpmpp", "dpm_solver++"),
+                   help="sample: ddpm, ddim or dpmpp (= dpm_solver++; passed through)")
     p.add_argument("--num-steps", type=int, default=None, help="sample: sampler steps (passed through)")
     p.add_argument("--peer-compile", action="store_true", help="run the PyTorch peers under torch.compile")
     p.add_argument("--allocator", choices=("jemalloc", "system"), default=None,
@@ -97,6 +100,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--sampler/--num-steps are for --task sample")
     if args.task == "sample" and args.steps:
         p.error("--steps is for --task train; use --num-steps for sampler steps")
+    if args.timeout is not None and not args.timeout > 0:
+        p.error(f"--timeout must be > 0 seconds, got {args.timeout}")
+    if args.sampler == "dpm_solver++":
+        args.sampler = "dpmpp"  # the spelling every script takes
     return args
 
 
@@ -123,8 +130,7 @@ def run_once(impl: Impl, args: argparse.Namespace) -> tuple[list[dict], str | No
     """Runs `impl` once; returns its matching records and an error message or None."""
     script = impl.script(args.task)
     if not script.exists():
-        hint = " (diffusion_jax's own benchmark scripts are not written yet)" if not impl.is_peer else ""
-        return [], f"{script.relative_to(REPO_ROOT)} does not exist{hint}"
+        return [], f"{script.relative_to(REPO_ROOT)} does not exist"
     cmd = command(impl, args)
     print(f"$ {shlex.join(cmd)}", file=sys.stderr, flush=True)
     try:

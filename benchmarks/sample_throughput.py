@@ -165,6 +165,7 @@ def measure(args, workload, batch: int, dtype: str, num_steps: int, mesh, *, run
         "img_per_s_spread": [round(v, 4) for v in spread],
         "wall_s": round(wall_s, 6),
         "median_s_per_step": round(wall_s / num_steps, 6),
+        "program_peak_mem_bytes": harness.program_peak_bytes(compiled),
         "peak_mem_bytes": mem,
         "peak_mem_source": mem_source,
         "repeats": args.repeats,

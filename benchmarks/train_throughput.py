@@ -15,7 +15,10 @@ For each (batch, dtype) of the sweep:
   3. `--warmup` untimed calls, then `--repeats` windows of `--steps` steps,
      each window timed around `block_until_ready`; img/s is the median over
      windows, `img_per_s_spread` the [min, max];
-  4. peak memory (`peak_mem_source` says from where).
+  4. memory: `program_peak_mem_bytes`, what one call of the compiled step
+     needs per device (XLA's buffer plan), and `peak_mem_bytes`, the process's
+     peak so far (`peak_mem_source` says from where; in a sweep it covers the
+     measurements before, so run one per process for that figure).
 One JSON line per measurement goes to stdout (benchmarks/_report.py).
 
 `--steps-per-dispatch K` runs K training steps per call, a `lax.scan` over a
@@ -28,7 +31,8 @@ experiments.
 
   python benchmarks/train_throughput.py --workload tiny
   python benchmarks/train_throughput.py --workload ddpm_cifar10 --batch 32 --dtype float32 bfloat16
-  python benchmarks/train_throughput.py --workload ddpm_cifar10 --batch 128 --dtype bfloat16 --steps-per-dispatch 4
+  python benchmarks/train_throughput.py --workload ddpm_cifar10 --batch 128 --dtype bfloat16 \
+      --steps 20 --steps-per-dispatch 4
 """
 
 from __future__ import annotations
@@ -65,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps-per-dispatch", type=int, default=1,
                    help="training steps per jitted call (lax.scan over K stacked batches)")
     p.add_argument("--attention-impl", choices=("xla", "cudnn"), default=None,
-                   help="jax.nn.dot_product_attention implementation (default: JAX's choice)")
+                   help="attention through jax.nn.dot_product_attention with this implementation "
+                        "(default: the UNet's own attention, UNetConfig.attention_impl=None)")
     p.add_argument("--conv-weight-grad", choices=("auto", "xla", "taps"), default=None,
                    help="UNetConfig.conv_weight_grad: how 3x3 kernel gradients are computed "
                         "(default: the workload's, auto)")
@@ -214,6 +219,9 @@ def measure(args: argparse.Namespace, workload: workloads.Workload, batch: int, 
     img_per_s, spread = _report.median_and_spread([batch / s for s in seconds_per_step])
     median_s, _ = _report.median_and_spread(seconds_per_step)
     peak, peak_source = harness.peak_flops_per_s(devices[0], dtype)
+    if peak and devices[0].platform != "cpu" and len(devices) > 1:
+        # img/s is the whole mesh's; a GPU's peak is one device's (the CPU's covers all cores).
+        peak, peak_source = peak * len(devices), f"{len(devices)} devices x {peak_source}"
     achieved = flops_per_img * img_per_s if flops_per_img else None
     mem, mem_source = harness.peak_memory_bytes(devices)
     return {
@@ -232,6 +240,7 @@ def measure(args: argparse.Namespace, workload: workloads.Workload, batch: int, 
         "mfu": round(achieved / peak, 5) if achieved and peak else None,
         "peak_flops_per_s": peak,
         "peak_flops_source": peak_source,
+        "program_peak_mem_bytes": harness.program_peak_bytes(compiled),
         "peak_mem_bytes": mem,
         "peak_mem_source": mem_source,
         "params": num_params,

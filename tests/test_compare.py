@@ -39,10 +39,26 @@ def test_commands_pass_the_shared_flags_to_every_implementation():
     ["--workload", "tiny", "--task", "train", "--num-steps", "5"],
     ["--workload", "tiny", "--task", "sample", "--steps", "5"],
     ["--workload", "tiny", "--task", "train", "--allocator", "tcmalloc"],
+    ["--workload", "nope", "--task", "train"],
+    ["--workload", "tiny", "--task", "train", "--dtype", "bf16"],
+    ["--workload", "tiny", "--task", "sample", "--sampler", "euler"],
+    ["--workload", "tiny", "--task", "train", "--timeout", "0"],
 ])
 def test_bad_flags_are_rejected(argv):
     with pytest.raises(SystemExit):
         compare.parse_args(argv)
+
+
+def test_the_workload_names_are_workloads_py():
+    import workloads  # imports the library, which compare.py itself does not
+    assert set(compare.WORKLOAD_NAMES) == set(workloads.WORKLOADS)
+
+
+def test_dpm_solver_is_passed_on_in_the_spelling_every_script_takes():
+    args = compare.parse_args(["--workload", "tiny", "--task", "sample", "--sampler", "dpm_solver++"])
+    for impl in ("ours", "diffusers"):
+        cmd = compare.command(compare.IMPLS[impl], args)
+        assert cmd[cmd.index("--sampler") + 1] == "dpmpp"
 
 
 def _stand_in(tmp_path, name, img_per_s_by_round):

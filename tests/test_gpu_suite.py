@@ -44,7 +44,7 @@ def _dry_run_commands(tmp_path):
     proc = _suite(out, DRY_RUN="1", PYTHON="python-on-the-gpu-machine")
     assert proc.returncode == 0, proc.stderr
     assert not out.exists(), "a dry run must not create the output folder"
-    commands = [shlex.split(line) for line in proc.stdout.splitlines() if line.strip()]
+    commands = [shlex.split(line) for line in proc.stdout.splitlines() if line.strip() and line[0] != "#"]
     assert commands and all(cmd[0] == "python-on-the-gpu-machine" for cmd in commands)
     return [(Path(cmd[1]).name, cmd[2:]) for cmd in commands]
 
@@ -117,6 +117,7 @@ def _stand_in(tmp_path, calls):
     script = tmp_path / "python"
     script.write_text(f"""#!/usr/bin/env bash
 echo "$*" >> {shlex.quote(str(calls))}
+case "$1 $2" in *default_backend*) exit "${{STAND_IN_NOT_GPU:-0}}" ;; esac
 case "$1" in -c|-m) exit 0 ;; esac
 echo '{{"impl": "stand-in", "task": "sample", "workload": "ddpm_cifar10", "device": "none", "batch": 256, '\\
 '"dtype": "bfloat16", "img_per_s": 1.0, "pythonpath": "'"${{PYTHONPATH:-}}"'"}}'
@@ -151,3 +152,52 @@ def test_a_run_over_the_timeout_is_stopped_its_records_kept_and_the_suite_goes_o
     assert len(records) == len(runs)
     assert all(r["pythonpath"].split(":")[0] == site for r in records)
     assert f"=== done: {len(runs)} records" in log
+
+
+def _labels(tmp_path, part):
+    proc = _suite(tmp_path / "out", part, DRY_RUN="1")
+    assert proc.returncode == 0, proc.stderr
+    return [line[2:] for line in proc.stdout.splitlines() if line.startswith("# ")]
+
+
+def test_the_parts_split_the_labelled_commands(tmp_path):
+    every = _labels(tmp_path, "all")
+    assert len(every) == len(set(every)) == len(_dry_run_commands(tmp_path))
+    core, rest = _labels(tmp_path, "core"), _labels(tmp_path, "rest")
+    assert sorted(core + rest) == sorted(every) and not set(core) & set(rest)
+    # The core holds both targets, each against the peers.
+    assert {"train.b128.bf16", "sample.ddpm1000.bf16", "peers.train", "peers.sample.ddpm1000"} <= set(core)
+    for part in ("train", "sample", "peers"):
+        assert _labels(tmp_path, part) == [label for label in every if label.startswith(part + ".")]
+    # A list of labels runs those, in the order given.
+    assert _labels(tmp_path, "sample.ddim50.bf16,train.tiny") == ["sample.ddim50.bf16", "train.tiny"]
+
+
+def test_an_unknown_label_stops_the_suite_before_it_runs_anything(tmp_path):
+    calls = tmp_path / "calls"
+    proc = _suite(tmp_path / "out", "train.tiny,train.huge", PYTHON=str(_stand_in(tmp_path, calls)))
+    assert proc.returncode == 2 and "unknown label 'train.huge'" in proc.stderr
+    assert not calls.exists() and not (tmp_path / "out").exists()
+
+
+def test_a_machine_whose_jax_has_no_gpu_stops_before_measuring(tmp_path):
+    calls = tmp_path / "calls"
+    proc = _suite(tmp_path / "out", "core", PYTHON=str(_stand_in(tmp_path, calls)), STAND_IN_NOT_GPU="1")
+    assert proc.returncode == 3
+    assert "not a GPU" in (tmp_path / "out" / "gpu_suite.log").read_text()
+    assert not [c for c in calls.read_text().splitlines() if ".py" in c.split()[0]]
+
+
+def test_the_budget_stops_the_call_and_lists_what_is_left_for_the_next(tmp_path):
+    calls, out = tmp_path / "calls", tmp_path / "out"
+    proc = _suite(out, "peers.train,sample.ddim50.bf16,sample.ddim100.bf16", PYTHON=str(_stand_in(tmp_path, calls)),
+                  SUITE_BUDGET="3", SUITE_MIN_START="1", RUN_TIMEOUT="100")
+    assert proc.returncode == 0, proc.stderr
+    # The first command (a peer comparison: its runs bounded by RUN_TIMEOUT inside compare.py)
+    # hangs until the budget ends; the two after it get no time.
+    ran = [c for c in calls.read_text().splitlines() if ".py" in c.split()[0]]
+    assert len(ran) == 1 and "compare.py" in ran[0]
+    assert ran[0].split("--timeout ")[1].split()[0] == "100"
+    assert ran[0].split("--jsonl ")[1].split()[0] == str(out / "gpu_suite.jsonl")
+    assert (out / "gpu_suite.todo").read_text().strip() == "peers.train,sample.ddim50.bf16,sample.ddim100.bf16"
+    assert "[peers.train] stopped at the end of SUITE_BUDGET" in (out / "gpu_suite.log").read_text()

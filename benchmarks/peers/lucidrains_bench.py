@@ -148,6 +148,11 @@ def main(argv: list[str] | None = None) -> None:
               f"steps; got --num-steps {args.num_steps}", file=sys.stderr)
         sys.exit(EXIT_UNSUPPORTED)
 
+    if args.task == "sample" and args.sampler == "ddim" and args.num_steps >= w.timesteps:
+        print(f"denoising-diffusion-pytorch runs DDIM only with fewer steps than T={w.timesteps} "
+              f"(at T it runs the ancestral loop); got --num-steps {args.num_steps}", file=sys.stderr)
+        sys.exit(EXIT_UNSUPPORTED)
+
     unet = ddp.Unet(**unet_kwargs(w))
     params = harness.count_params(unet)
     print(f"{IMPL} Unet for {w.name}: {params:,} params", file=sys.stderr)
