@@ -203,6 +203,16 @@ def peak_flops_per_s(device, dtype: str) -> tuple[float | None, str]:
     return None, f"no peak known for {kind!r} {dtype}"
 
 
+def mesh_peak_flops_per_s(devices, dtype: str) -> tuple[float | None, str]:
+    """`peak_flops_per_s` of the whole mesh, whose img/s an MFU divides: a GPU's peak
+    times the device count; the CPU's as it is (it already covers every core, however
+    many XLA devices the cores are split into)."""
+    peak, source = peak_flops_per_s(devices[0], dtype)
+    if peak and devices[0].platform != "cpu" and len(devices) > 1:
+        return peak * len(devices), f"{len(devices)} devices x {source}"
+    return peak, source
+
+
 def device_name(devices) -> str:
     """One line naming the hardware: the accelerator kind (x count) or the CPU model."""
     d = devices[0]

@@ -218,10 +218,7 @@ def measure(args: argparse.Namespace, workload: workloads.Workload, batch: int, 
 
     img_per_s, spread = _report.median_and_spread([batch / s for s in seconds_per_step])
     median_s, _ = _report.median_and_spread(seconds_per_step)
-    peak, peak_source = harness.peak_flops_per_s(devices[0], dtype)
-    if peak and devices[0].platform != "cpu" and len(devices) > 1:
-        # img/s is the whole mesh's; a GPU's peak is one device's (the CPU's covers all cores).
-        peak, peak_source = peak * len(devices), f"{len(devices)} devices x {peak_source}"
+    peak, peak_source = harness.mesh_peak_flops_per_s(devices, dtype)
     achieved = flops_per_img * img_per_s if flops_per_img else None
     mem, mem_source = harness.peak_memory_bytes(devices)
     return {

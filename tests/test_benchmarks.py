@@ -81,6 +81,8 @@ def test_train_throughput_reports_one_record_per_measurement(smoke_workload):
         assert r["flops_per_img"] > 3 * 2 * (8 * 8 * 9 * 1 * 32)
         assert r["mfu"] is None or 0 < r["mfu"] < 1
         assert r["peak_mem_bytes"] > 0
+        # At least the float32 parameters (state donated: params, EMA, Adam's two moments).
+        assert r["program_peak_mem_bytes"] >= 4 * 4 * r["params"]
         assert r["allocator"] == "system" or r["allocator"].startswith("jemalloc (dirty_decay_ms:")
         if jax.default_backend() == "cpu":  # "auto" keeps YNNPACK for a UNet 32 channels wide
             assert r["cpu_convolutions"] == "ynnpack"
@@ -158,6 +160,8 @@ def test_sample_throughput_reports_and_compile_scaling(smoke_workload):
         assert field in r, field
     assert (r["task"], r["sampler"], r["num_steps"]) == ("sample", "dpm_solver++", 3)
     assert r["wall_s"] > 0 and r["img_per_s"] == pytest.approx(n / r["wall_s"], rel=1e-3)
+    # The replicated float32 parameters at least, and the [batch/n, 8, 8, 1] state.
+    assert r["program_peak_mem_bytes"] >= 4 * r["params"]
 
     recs = _records(sample_throughput.main, ["--workload", "smoke", "--batch", str(n), "--compile-scaling"])
     assert [x["num_steps"] for x in recs] == [10, 100]  # 1000 is capped by the smoke schedule's T
@@ -252,6 +256,31 @@ def test_gpu_peak_is_the_datasheet_figure_of_the_arithmetic_that_runs(kind, dtyp
         peak, source = harness.peak_flops_per_s(_Gpu(kind), dtype)
     assert peak == pytest.approx(tflops * 1e12, rel=2e-3)
     assert f"dense {says}:" in source
+
+
+def test_an_mfu_divides_by_the_peak_of_every_gpu_of_the_mesh():
+    """img/s is the whole mesh's: 8 H100s peak at 8 x 989 TFLOP/s in bf16."""
+    import _jax_harness as harness
+
+    one, _ = harness.peak_flops_per_s(_Gpu("NVIDIA H100 80GB HBM3"), "bfloat16")
+    peak, source = harness.mesh_peak_flops_per_s([_Gpu("NVIDIA H100 80GB HBM3")] * 8, "bfloat16")
+    assert peak == pytest.approx(8 * 1979e12 / 2, rel=2e-3) and source.startswith("8 devices x ")
+    assert harness.mesh_peak_flops_per_s([_Gpu("NVIDIA H100 80GB HBM3")], "bfloat16")[0] == one
+    # The CPU's peak counts its cores, whatever number of XLA devices they are split into.
+    cpus = jax.devices("cpu")
+    assert harness.mesh_peak_flops_per_s(cpus, "float32") == harness.peak_flops_per_s(cpus[0], "float32")
+
+
+def test_program_memory_is_the_compiled_buffers():
+    """Arguments + outputs + temporaries of one call: 1 MiB in and 1 MiB out for a float32 [512, 512]
+    doubled (the output is not the donated argument here)."""
+    import _jax_harness as harness
+
+    compiled = jax.jit(lambda x: 2 * x).lower(jax.numpy.ones((512, 512))).compile()
+    assert harness.program_peak_bytes(compiled) >= 2 * 512 * 512 * 4
+    assert harness.program_peak_bytes(compiled) < 3 * 512 * 512 * 4
+    donated = jax.jit(lambda x: 2 * x, donate_argnums=0).lower(jax.numpy.ones((512, 512))).compile()
+    assert harness.program_peak_bytes(donated) < 2 * 512 * 512 * 4  # the output reuses the input
 
 
 def test_gpu_peak_of_an_unknown_gpu_is_unknown():
