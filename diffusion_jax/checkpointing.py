@@ -210,6 +210,15 @@ class Checkpointer:
         """All finalized steps in the directory, oldest first."""
         return sorted(self._manager.all_steps())
 
+    def damaged_steps(self) -> list[str]:
+        """The folders of the steps ``restore`` found damaged and moved aside
+        (``<step>.corrupt-<n>``), sorted by name; they are kept until someone
+        removes them."""
+        if not self._directory.exists():
+            return []
+        return sorted(p.name for p in self._directory.iterdir()
+                      if p.name.partition(".corrupt-")[0].isdigit() and ".corrupt-" in p.name)
+
     def save(
         self,
         step: int,

@@ -267,6 +267,41 @@ def test_resuming_with_changed_fields_warns_naming_them_and_records_the_new_conf
     assert checkpointing.load_config(copy)["batch_size"] == 16
 
 
+def test_a_workdir_whose_every_checkpoint_was_damaged_does_not_start_over(digits_run, tmp_path):
+    """The first start moves the damaged steps aside and fails; the next (an automatic
+    restart) must not then train from step 0 beside them."""
+    config, workdir, _ = digits_run
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    steps = sorted(p for p in (copy / "checkpoints").iterdir() if p.name.isdigit())
+    assert [p.name for p in steps] == ["30", "60"]
+    for step in steps:
+        (step / "checksums.json").unlink()  # unverifiable: taken as damaged
+    config = _training_only(config, num_train_steps=90)
+    with pytest.raises(checkpointing.CheckpointNotFoundError, match="No intact checkpoint"):
+        trainer.train_and_evaluate(config, str(copy))
+    for _ in range(2):
+        with pytest.raises(checkpointing.CheckpointNotFoundError,
+                           match=r"only steps found damaged and moved aside earlier: 30\.corrupt-0, 60\.corrupt-0"):
+            trainer.train_and_evaluate(config, str(copy))
+    assert sorted(p.name for p in (copy / "checkpoints").iterdir() if "corrupt" in p.name or p.name.isdigit()) == [
+        "30.corrupt-0", "60.corrupt-0"]
+
+
+@pytest.mark.parametrize("name, warns", [("folder", True), ("digits", False)])
+def test_another_data_dir_warns_on_resume_where_it_is_the_dataset(name, warns, caplog):
+    """For a folder dataset the folder is the data; for TFDS, data_dir is where the same data lives."""
+    config = _tiny_digits_config(10)
+    config.data.name = name
+    config.data.data_dir = "/data/new"
+    saved = config.to_dict()
+    saved["data"]["data_dir"] = "/data/old"
+    with caplog.at_level("WARNING", logger=trainer.logger.name):
+        trainer._warn_about_resumed_changes(config, saved, step=5)
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert ("data.data_dir '/data/old' -> '/data/new'" in said) == warns, said
+
+
 def test_config_changes_are_judged_against_the_step_restored_not_a_damaged_newer_one(digits_run, tmp_path, caplog):
     """Step 60 was (as if) written after a resume with lr 0.001 and a 40-step diffusion, then damaged:
     step 30 is restored, so the changes to report are those against step 30's config."""

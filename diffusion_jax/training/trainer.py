@@ -361,6 +361,8 @@ def _warn_about_resumed_changes(config, saved: dict | None, step: int) -> None:
     def changes_training(field):
         if field == "num_train_steps":
             return cosine  # the cosine decay's end moves: the learning rate jumps
+        if field == "data.data_dir" and config.data.name == "folder":
+            return True  # where the images are is which images: another folder is other data
         return field not in _OPERATIONAL_FIELDS and not field.startswith(_OPERATIONAL_SECTIONS)
 
     changes = [c for c in _config_changes(saved, config) if changes_training(c[0])]
@@ -731,6 +733,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         # Compared with the step restored: a damaged newest step is moved aside and an older one used.
         _warn_about_resumed_changes(config, ckpt.saved_config(int(state.step)), int(state.step))
         logger.info("Resumed from step %d in %s.", int(state.step), ckpt.directory)
+    elif ckpt.damaged_steps():
+        # An earlier start found every step damaged and moved them aside (and failed): starting
+        # over here would bury that run under a new one (an automatic restart would do just that).
+        raise checkpointing.CheckpointNotFoundError(
+            f"{ckpt.directory} holds no intact checkpoint, only steps found damaged and moved aside "
+            f"earlier: {', '.join(ckpt.damaged_steps())}. Not starting over from step 0 beside them: "
+            "inspect or repair them, or move them out of the folder (or use a new workdir) to start afresh.")
     else:
         state = job.create_state()
     checkpointing.save_config(workdir, config.to_dict())  # the config this run goes on with
