@@ -16,7 +16,8 @@ Datasets (``DataConfig.name``):
 * ``"folder"``: the png/jpg/... files directly inside ``data_dir``, or inside
   ``data_dir/<split>`` where that sub-folder exists (so ``data_dir/train`` and
   ``data_dir/test`` give two splits; a flat folder serves every split, i.e. the
-  evaluation set is then the training set). Unlabelled: label 0. Split names
+  evaluation set is then the training set); hidden files are skipped and
+  sub-folders below are not searched. Unlabelled: label 0. Split names
   are folder names: TFDS slicing ("train[:90%]") is refused. A split is
   grayscale when every file is (PIL modes "1", "L", "LA" with the alpha
   dropped, and 16-bit "I;16*" scaled to 8 bits as ``round(v / 257)``), else
@@ -96,7 +97,10 @@ from diffusion_jax.datasets import digits as digits_lib
 
 DIGITS = "digits"
 FOLDER = "folder"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# PIL's errors for files it cannot read; DecompressionBombError (an image over
+# PIL.Image.MAX_IMAGE_PIXELS, about 179 MP, by default) is none of the others.
+_PIL_ERRORS = (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError)
 # PIL modes read as one channel: 8-bit (alpha dropped) and 16-bit grayscale.
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 _GRAYSCALE_MODES = ("1", "L", "LA", "La", *_SIXTEEN_BIT_MODES)
@@ -282,7 +286,7 @@ class _FolderRecords:
                     # Upright as a viewer shows it: camera files store the rotation in EXIF.
                     upright = PIL.ImageOps.exif_transpose(image)
                     pixels = np.asarray(_eight_bit_image(upright, self._channels), dtype=np.uint8)
-        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad files.
+        except _PIL_ERRORS as e:
             raise ValueError(f"folder dataset: cannot read image file {path}: {e}") from e
         _check_image_mode(path, mode)  # only if the file changed since `_folder_split`
         if pixels.ndim == 2:
@@ -309,12 +313,20 @@ def _folder_split(folder: str, split: str) -> _Split:
     paths = sorted(
         os.path.join(directory, f)
         for f in os.listdir(directory)
-        if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(directory, f))
+        # Hidden files (macOS's "._x.png" resource forks) are not images of the set.
+        if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+        and os.path.isfile(os.path.join(directory, f))
     )
     if not paths:
+        where = directory if directory == split_dir else f"{root} (there is no folder {split_dir})"
+        subfolders = sorted(f for f in os.listdir(directory) if os.path.isdir(os.path.join(directory, f)))
         raise ValueError(
             f"folder dataset: split {split!r} is empty: no image files "
-            f"({', '.join(IMAGE_EXTENSIONS)}) in {directory}."
+            f"({', '.join(IMAGE_EXTENSIONS)}) in {where}"
+            + (f"; sub-folders ({', '.join(subfolders[:5])}{', ...' if len(subfolders) > 5 else ''}) "
+               "are not searched" if subfolders else "")
+            + ". Images go in data_dir/<split>/ or data_dir itself (data.train_split and "
+            "data.eval_split name the sub-folders)."
         )
     # Opening a file with PIL reads only its header: cheap, and it finds
     # non-image files now instead of mid-training.
@@ -323,7 +335,7 @@ def _folder_split(folder: str, split: str) -> _Split:
         try:
             with PIL.Image.open(path) as image:
                 mode = image.mode
-        except (OSError, ValueError, SyntaxError) as e:
+        except _PIL_ERRORS as e:
             raise ValueError(f"folder dataset: cannot read image file {path}: {e}") from e
         _check_image_mode(path, mode)
         modes.add(mode)

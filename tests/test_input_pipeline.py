@@ -740,6 +740,38 @@ def test_folder_without_images_is_an_error(tmp_path):
         ip.dataset_info(ip.DataConfig("folder", data_dir=str(tmp_path)))
 
 
+def test_folder_split_without_its_sub_folder_names_it(tmp_path):
+    """train/ exists, test/ does not, and data_dir itself holds only class folders."""
+    for folder in ("train", "cats", "dogs"):
+        (tmp_path / folder).mkdir()
+    PIL.Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "train" / "a.png")
+    with pytest.raises(ValueError, match=(
+            rf"split 'test' is empty: .* in {tmp_path} \(there is no folder {tmp_path / 'test'}\); "
+            r"sub-folders \(cats, dogs, train\) are not searched\. .*data\.eval_split")):
+        ip.dataset_info(ip.DataConfig("folder", data_dir=str(tmp_path)))
+
+
+def test_folder_skips_hidden_files_and_reads_tiff(tmp_path):
+    PIL.Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(tmp_path / "a.tif")
+    PIL.Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(tmp_path / "b.TIFF", format="TIFF")
+    (tmp_path / "._a.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")  # not an image
+    (tmp_path / ".DS_Store.png").write_bytes(b"")
+    config = ip.DataConfig("folder", data_dir=str(tmp_path), image_size=8)
+    assert ip.dataset_info(config) == ip.DatasetInfo((8, 8, 3), None, 2, 2)
+    (batch,) = list(ip.create_eval_iterator(config, batch_size=2))
+    np.testing.assert_allclose(batch["image"][:, 0, 0, 0], [200 / 127.5 - 1, 100 / 127.5 - 1], atol=1e-6)
+
+
+def test_folder_image_over_pil_size_limit_is_named(tmp_path, monkeypatch):
+    """PIL refuses images over MAX_IMAGE_PIXELS (about 179 MP; here lowered) with an error of
+    its own class, which must still name the file, at startup."""
+    PIL.Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "small.png")
+    PIL.Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 400)  # errors above twice this: 1600 > 800
+    with pytest.raises(ValueError, match=rf"cannot read image file {tmp_path / 'huge.png'}: .*"):
+        ip.dataset_info(ip.DataConfig("folder", data_dir=str(tmp_path), image_size=8))
+
+
 # ---------------------------------------------------------------------------
 # argument validation
 # ---------------------------------------------------------------------------
