@@ -73,6 +73,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.random_flip = True
     config.data.train_split = "train"
     config.data.eval_split = "test"
+    # Worker processes decoding training batches (grain; 0: threads of the
+    # training process). For large image files, where decoding holds the GIL;
+    # the batches are the same for every count, and a run may resume with another.
+    config.data.worker_count = 0
 
     # --- Model (diffusion_jax.models.UNetConfig) ---------------------------------
     # The output channels are derived: C, or 2C with diffusion.variance="learned_range".

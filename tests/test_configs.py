@@ -158,6 +158,7 @@ def test_unknown_names(field, value):
     ("ema_decay", 1.0, r"config\.ema_decay.*initial weights.*< 1"),
     ("data.data_dir", "None", r"config\.data\.data_dir.*path or None.*'None'"),
     ("data.data_dir", "", r"config\.data\.data_dir.*path or None.*''"),
+    ("data.worker_count", -1, r"config\.data\.worker_count: must be >= 0, got -1"),
 ])
 def test_bad_values(field, value, match):
     def mutate(c):

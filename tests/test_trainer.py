@@ -20,7 +20,7 @@ from tensorboardX.proto import event_pb2
 
 from configs import cifar10 as cifar10_config
 from configs import digits as digits_config
-from diffusion_jax import checkpointing
+from diffusion_jax import checkpointing, input_pipeline
 from diffusion_jax.training import trainer
 
 pytestmark = pytest.mark.slow
@@ -265,6 +265,27 @@ def test_resuming_with_changed_fields_warns_naming_them_and_records_the_new_conf
     # Operational fields (how long, how often) are not reported; the decay is constant here.
     assert "num_train_steps" not in warning and "log_every_steps" not in warning
     assert checkpointing.load_config(copy)["batch_size"] == 16
+
+
+def test_worker_processes_train_exactly_as_threads(tmp_path, monkeypatch):
+    """config.data.worker_count reaches the train iterator, whose batches do not depend on it."""
+    asked, create = [], input_pipeline.create_train_iterator
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("worker_count"))
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(input_pipeline, "create_train_iterator", spy)
+    states = []
+    for workers in (0, 2):
+        config = _training_only(_tiny_digits_config(num_train_steps=4), log_every_steps=2)
+        config.data.worker_count = workers
+        config.checkpoint_every_steps = 4
+        states.append(trainer.train_and_evaluate(config, str(tmp_path / f"workers{workers}")))
+    for a, b in zip(jax.tree.leaves(states[0].params), jax.tree.leaves(states[1].params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert asked == [0, 2]
+    assert checkpointing.load_config(str(tmp_path / "workers2"))["data"]["worker_count"] == 2
 
 
 def test_a_workdir_whose_every_checkpoint_was_damaged_does_not_start_over(digits_run, tmp_path):

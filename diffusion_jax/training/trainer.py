@@ -73,8 +73,13 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 # config, never the whole ConfigDict.
 
 
+# Fields of config.data that say how to read the data, not which: the train iterator's arguments.
+_DATA_READING_FIELDS = ("worker_count",)
+
+
 def _data_config(config) -> input_pipeline.DataConfig:
-    return input_pipeline.DataConfig(**config.data.to_dict())
+    return input_pipeline.DataConfig(**{k: v for k, v in config.data.to_dict().items()
+                                        if k not in _DATA_READING_FIELDS})
 
 
 def _unet_config(config, image_channels: int) -> UNetConfig:
@@ -135,7 +140,7 @@ _SCHEMA = {
          "eval_every_steps", "ema_decay", "max_consecutive_nonfinite", "cond_drop_rate", "distributed",
          "compute_dtype", "steps_per_dispatch", "data", "model", "diffusion", "optim", "sample", "eval",
          "checkpoint"),
-    "data": _dataclass_fields(input_pipeline.DataConfig),
+    "data": _dataclass_fields(input_pipeline.DataConfig) + _DATA_READING_FIELDS,
     "model": _dataclass_fields(UNetConfig, derived=("out_channels", "dtype")),
     "diffusion": ("num_timesteps", "schedule", "schedule_kwargs", "learned_schedule", "prediction", "variance",
                   "loss", "min_snr_gamma", "vlb_weight", "timestep_sampler"),
@@ -236,6 +241,7 @@ def validate_config(
 
     # Data and model: the typed configs check their own fields.
     data = _reraise_as_field("data", lambda: _data_config(config))
+    _check_int(config, "data.worker_count", minimum=0)
     unet = _reraise_as_field("model", lambda: _unet_config(config, image_channels=1))
     downsamplings = len(unet.ch_mult) - 1
     if data.image_size % 2**downsamplings:
@@ -317,7 +323,8 @@ def validate_config(
 # long (unless the learning rate decays to the end), how often it logs, saves and
 # evaluates, how it samples, where the data lives, how it is run.
 _OPERATIONAL_FIELDS = ("num_train_steps", "log_every_steps", "checkpoint_every_steps", "eval_every_steps",
-                       "max_consecutive_nonfinite", "steps_per_dispatch", "distributed", "data.data_dir")
+                       "max_consecutive_nonfinite", "steps_per_dispatch", "distributed", "data.data_dir",
+                       "data.worker_count")
 _OPERATIONAL_SECTIONS = ("eval.", "sample.", "checkpoint.")
 # Fields that define what a checkpoint's parameters mean: evaluating or sampling
 # under other values gives wrong numbers (dropout is off there anyway).
@@ -714,7 +721,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     is_chief = jax.process_index() == 0
     train_iter = input_pipeline.create_train_iterator(
         _data_config(config), global_batch_size=config.batch_size, seed=config.seed,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        worker_count=config.data.worker_count)
     logger.info("Dataset %s: %s images, %d train / %d eval; %d devices in %d processes.",
                 config.data.name, info.image_shape, info.num_train, info.num_eval,
                 jax.device_count(), jax.process_count())
