@@ -816,6 +816,7 @@ def create_eval_iterator(
     batch_size: int,
     process_index: int = 0,
     process_count: int = 1,
+    max_batches: int | None = None,
 ) -> grain.DatasetIterator:
     """Returns one ordered pass over this process's shard of the eval split.
 
@@ -830,13 +831,19 @@ def create_eval_iterator(
         batch_size: per-process batch size.
         process_index: this process, in [0, process_count).
         process_count: number of processes reading disjoint shards.
+        max_batches: stop after this many batches (None: the whole pass); only
+            these are read, where prefetching would otherwise decode some more.
     """
     _check_processes(process_index, process_count)
     _check_positive_int("batch_size", batch_size)
+    if max_batches is not None:
+        _check_positive_int("max_batches", max_batches)
     split = _open_split(config, config.eval_split)
     num_examples = len(split.records)
     per_process = -(-num_examples // process_count)
     num_batches = -(-per_process // batch_size)
+    if max_batches is not None:
+        num_batches = min(num_batches, max_batches)
     shard = grain.MapDataset.source(split.records)[process_index::process_count]
     shard = shard.map(_ToModelInput(config.image_size))
     example_shape = (config.image_size, config.image_size, split.channels)

@@ -751,6 +751,24 @@ def test_folder_split_without_its_sub_folder_names_it(tmp_path):
         ip.dataset_info(ip.DataConfig("folder", data_dir=str(tmp_path)))
 
 
+def test_eval_iterator_max_batches_reads_only_those(tmp_path, monkeypatch):
+    for k in range(20):
+        PIL.Image.fromarray(np.full((8, 8, 3), 10 * k, np.uint8)).save(tmp_path / f"{k:02d}.png")
+    config = ip.DataConfig("folder", data_dir=str(tmp_path), image_size=8)
+    whole = list(ip.create_eval_iterator(config, batch_size=2))
+    assert len(whole) == 10
+    reads = []
+    get = ip._FolderRecords.__getitem__
+    monkeypatch.setattr(ip._FolderRecords, "__getitem__", lambda self, i: reads.append(i) or get(self, i))
+    first = list(ip.create_eval_iterator(config, batch_size=2, max_batches=2))
+    assert len(first) == 2 and sorted(reads) == [0, 1, 2, 3]  # no prefetching past them
+    for got, want in zip(first, whole):
+        np.testing.assert_array_equal(got["image"], want["image"])
+    assert len(list(ip.create_eval_iterator(config, batch_size=2, max_batches=50))) == 10
+    with pytest.raises(ValueError, match="max_batches must be a positive int"):
+        ip.create_eval_iterator(config, batch_size=2, max_batches=0)
+
+
 def test_folder_skips_hidden_files_and_reads_tiff(tmp_path):
     PIL.Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(tmp_path / "a.tif")
     PIL.Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(tmp_path / "b.TIFF", format="TIFF")

@@ -536,11 +536,9 @@ class _Job:
         per_device = -(-cfg.eval.batch_size // self.mesh.size)
         iterator = input_pipeline.create_eval_iterator(
             _data_config(cfg), batch_size=per_device * self.mesh.size // jax.process_count(),
-            process_index=jax.process_index(), process_count=jax.process_count())
+            process_index=jax.process_index(), process_count=jax.process_count(), max_batches=max_batches)
         total, count = 0.0, 0.0
         for i, batch in enumerate(iterator):
-            if max_batches is not None and i >= max_batches:
-                break
             mask = parallel.to_host(parallel.shard_batch(batch["mask"], self.mesh))
             batch = parallel.shard_batch({"image": batch["image"]}, self.mesh)
             bpd = parallel.to_host(nll_fn(state.ema_params, state.schedule_params, batch,
