@@ -136,7 +136,8 @@ def measure(args, workload, batch: int, dtype: str, num_steps: int, mesh, *, run
     rec.update({"compile_s": round(compile_s, 3), "params": num_params, "versions": harness.versions()})
     if not run:
         rec.update({"img_per_s": None, "wall_s": None,
-                    "notes": ["compile only (--compile-scaling): nothing was run"]})
+                    "notes": ["compile only (--compile-scaling): nothing was run",
+                              "after an untimed warm-up compile in the same process"]})
         return rec
 
     for i in range(args.warmup):
@@ -192,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     # (A schedule shorter than 1000 steps is sampled at its full length instead.)
     steps_list = (sorted({min(s, workload.timesteps) for s in COMPILE_SCALING_STEPS}) if args.compile_scaling
                   else [args.num_steps])
+    if args.compile_scaling:
+        # The first compile of a process pays once for setting XLA up (about a second): an untimed
+        # one first, so that the step counts compare compile with compile.
+        print("untimed warm-up compile", file=sys.stderr, flush=True)
+        measure(args, workload, batch, dtype, steps_list[0], mesh, run=False)
     for num_steps in steps_list:
         print(f"{workload.name}: {args.sampler} {num_steps} steps, batch {batch}, {dtype}, "
               f"{len(devices)} device(s)", file=sys.stderr, flush=True)
