@@ -156,7 +156,8 @@ def cpu_flags() -> set[str]:
 
 
 def cpu_ghz() -> float | None:
-    """The nominal clock from /proc/cpuinfo ("cpu MHz"), in GHz, or None."""
+    """The clock /proc/cpuinfo reports now ("cpu MHz" of the first core), in GHz, or None
+    (on this kind of virtual machine, a fixed figure)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -174,7 +175,7 @@ def peak_flops_per_s(device, dtype: str) -> tuple[float | None, str]:
     (`GPU_PEAK_FLOPS`): bfloat16 on the tensor cores; float32 as TF32 on the
     tensor cores at JAX's default matmul precision, on the CUDA cores where
     `jax_default_matmul_precision` asks for full float32
-    (`FULL_FLOAT32_PRECISIONS`). CPU: an estimate, cores x nominal GHz x fp32
+    (`FULL_FLOAT32_PRECISIONS`). CPU: an estimate, cores x the reported clock x fp32
     FLOPs/cycle of the widest FMA (`CPU_FP32_FLOPS_PER_CYCLE`), for either
     dtype. None where unknown.
     """
@@ -201,6 +202,15 @@ def peak_flops_per_s(device, dtype: str) -> tuple[float | None, str]:
         if name in kind and dt == arithmetic:
             return value, f"{name} datasheet dense {dt}: {value / 1e12:.0f} TFLOP/s{why}"
     return None, f"no peak known for {kind!r} {dtype}"
+
+
+def check_batches_divide(batches, devices) -> None:
+    """Exits with one line, before anything compiles, if a batch of the sweep does not
+    split evenly over the devices (the CPU's count comes from --cpu-devices)."""
+    bad = [b for b in batches if b % len(devices)]
+    if bad:
+        sys.exit(f"error: --batch {' '.join(map(str, bad))} is not divisible by the {len(devices)} devices "
+                 "(on CPU set by --cpu-devices)")
 
 
 def mesh_peak_flops_per_s(devices, dtype: str) -> tuple[float | None, str]:
@@ -251,7 +261,7 @@ def program_peak_bytes(compiled) -> int | None:
     None where the backend does not report it."""
     try:
         stats = compiled.memory_analysis()
-    except Exception:  # some backends do not implement it
+    except (NotImplementedError, RuntimeError, AttributeError):  # some backends do not implement it
         return None
     if stats is None:
         return None

@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     on_gpu = devices[0].platform != "cpu"
     batch = args.batch or (256 if on_gpu else workload.batch_cpu)
     dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
+    harness.check_batches_divide([batch], devices)
     mesh = parallel.make_mesh()
     # (A schedule shorter than 1000 steps is sampled at its full length instead.)
     steps_list = (sorted({min(s, workload.timesteps) for s in COMPILE_SCALING_STEPS}) if args.compile_scaling

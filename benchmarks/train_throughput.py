@@ -264,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     on_gpu = devices[0].platform != "cpu"
     batches = args.batch or [workload.batch_gpu if on_gpu else workload.batch_cpu]
     dtypes = args.dtype or ["bfloat16" if on_gpu else "float32"]
+    harness.check_batches_divide(batches, devices)
     mesh = parallel.make_mesh()
     for dtype in dtypes:
         for batch in batches:

@@ -271,6 +271,26 @@ def test_an_mfu_divides_by_the_peak_of_every_gpu_of_the_mesh():
     assert harness.mesh_peak_flops_per_s(cpus, "float32") == harness.peak_flops_per_s(cpus[0], "float32")
 
 
+def test_xla_counts_the_convolution_taps_inside_the_image_only():
+    """The FLOP convention BENCHMARKS.md's MFU rests on: a 3x3 SAME convolution on 16x16
+    counts 2 x 46^2 x C_in x C_out (46 = 16 + 15 + 15 taps in bounds per axis), not 2 x 48^2 x ..."""
+    import _jax_harness as harness
+
+    x = jax.ShapeDtypeStruct((1, 16, 16, 8), np.float32)
+    w = jax.ShapeDtypeStruct((3, 3, 8, 4), np.float32)
+    conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                            dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    assert harness.flops_of(conv.lower(x, w)) == 2 * 46**2 * 8 * 4
+
+
+def test_a_batch_that_does_not_split_over_the_devices_stops_the_sweep_first():
+    import _jax_harness as harness
+
+    harness.check_batches_divide([8, 16], [object()] * 8)
+    with pytest.raises(SystemExit, match=r"--batch 12 is not divisible by the 8 devices"):
+        harness.check_batches_divide([16, 12], [object()] * 8)
+
+
 def test_program_memory_is_the_compiled_buffers():
     """Arguments + outputs + temporaries of one call: 1 MiB in and 1 MiB out for a float32 [512, 512]
     doubled (the output is not the donated argument here)."""
