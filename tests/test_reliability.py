@@ -448,6 +448,18 @@ def _png(path, size, seed):
     PIL.Image.fromarray(pixels).save(path)
 
 
+def _images_with_a_bad_one(folder, *, truncated: bool):
+    """40 random 12x12 PNGs and bad.png: not an image at all, or a real PNG cut short
+    (its header is valid: found only when decoded)."""
+    folder.mkdir()
+    for i in range(40):
+        _png(folder / f"ok_{i:02d}.png", 12, i)
+    _png(folder / "bad.png", 12, 99)
+    content = (folder / "bad.png").read_bytes()
+    (folder / "bad.png").write_bytes(content[:-80] if truncated else b"not an image")
+    return folder
+
+
 # name -> (config overrides, regex the error must match). Each runs against a
 # copy of a workdir that already holds checkpoints.
 _BAD_INPUT = {
@@ -484,14 +496,7 @@ def bad_input_runs(straight, data_dir, env, tmp_path_factory):
         else:
             workdir = watched = _copy_run(straight, case)
         if name.endswith("_image"):
-            images = case / "images"
-            images.mkdir()
-            for i in range(40):
-                _png(images / f"ok_{i:02d}.png", 12, i)
-            _png(images / "bad.png", 12, 99)
-            content = (images / "bad.png").read_bytes()
-            # Not an image at all / a real PNG cut short.
-            (images / "bad.png").write_bytes(b"not an image" if name == "undecodable_image" else content[:-80])
+            images = _images_with_a_bad_one(case / "images", truncated=name == "truncated_image")
             overrides["data.data_dir"] = str(images)
         before = _file_hashes(watched)
         log = root / f"{name}.log"
@@ -526,13 +531,7 @@ def test_a_crash_mid_run_finishes_the_checkpoint_in_flight(data_dir, env, tmp_pa
     """An image that fails only when decoded stops the run mid-epoch; the step saved just
     before (in the background) is committed before the process exits, not left as a
     ``.orbax-checkpoint-tmp`` folder that the next start would skip."""
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(40):
-        _png(images / f"ok_{i:02d}.png", 12, i)
-    _png(images / "bad.png", 12, 99)
-    content = (images / "bad.png").read_bytes()
-    (images / "bad.png").write_bytes(content[:-80])  # a valid header: found only when decoded
+    images = _images_with_a_bad_one(tmp_path / "images", truncated=True)
     workdir = tmp_path / "run"
     proc = _run(_train_py(workdir, data_dir, {
         "data.name": "folder", "data.data_dir": str(images), "batch_size": 2, "num_train_steps": 40,
