@@ -83,6 +83,14 @@ _HASH_CHUNK_BYTES = 1 << 22
 _BARRIER_IDS = itertools.count()
 
 
+_MOVED_ASIDE = ".corrupt-"  # <step>.corrupt-<n>: a damaged step, kept
+
+
+def _is_moved_aside(name: str) -> bool:
+    step, moved, n = name.partition(_MOVED_ASIDE)
+    return bool(moved) and step.isdigit() and n.isdigit()
+
+
 class CheckpointNotFoundError(FileNotFoundError):
     """No checkpoint that verifies exists in the directory (or at the step asked)."""
 
@@ -216,8 +224,7 @@ class Checkpointer:
         removes them."""
         if not self._directory.exists():
             return []
-        return sorted(p.name for p in self._directory.iterdir()
-                      if p.name.partition(".corrupt-")[0].isdigit() and ".corrupt-" in p.name)
+        return sorted(p.name for p in self._directory.iterdir() if _is_moved_aside(p.name))
 
     def save(
         self,
@@ -418,9 +425,9 @@ class Checkpointer:
             return
         if jax.process_index() == 0:
             n = 0
-            while (self._directory / f"{step}.corrupt-{n}").exists():
+            while (self._directory / f"{step}{_MOVED_ASIDE}{n}").exists():
                 n += 1
-            target = self._directory / f"{step}.corrupt-{n}"
+            target = self._directory / f"{step}{_MOVED_ASIDE}{n}"
             self._step_dir(step).rename(target)
             logger.warning("Moved damaged checkpoint %s to %s.", self._step_dir(step), target)
         if jax.process_count() > 1:
