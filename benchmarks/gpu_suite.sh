@@ -219,4 +219,5 @@ if (( ${#NOT_DONE[@]} )); then
   (IFS=','; echo "${NOT_DONE[*]}") > "$TODO"
   log "not run within SUITE_BUDGET: $(cat "$TODO") (in $TODO: give it as the part of the next call)"
 fi
-log "done: $(grep -c . "$JSONL" 2>/dev/null || echo 0) records in $JSONL"
+records=$(grep -c . "$JSONL" 2>/dev/null)
+log "done: ${records:-0} records in $JSONL"
