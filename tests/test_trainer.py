@@ -243,6 +243,13 @@ def test_evaluating_under_another_model_or_diffusion_config_is_an_error(digits_r
         trainer.evaluate(config, workdir)
     with pytest.raises(ValueError, match=r"diffusion\.num_timesteps 50 -> 40"):
         trainer.sample(config, workdir, num_images=2)
+    # A schedule argument given where the checkpoint's config had none is named alone
+    # (not also as schedule_kwargs {} -> absent).
+    config = digits_run[0].copy_and_resolve_references()
+    config.diffusion.schedule_kwargs.beta_end = 0.03
+    with pytest.raises(ValueError, match=r"define the model: diffusion\.schedule_kwargs\.beta_end "
+                                         r"'\(absent\)' -> 0\.03\. Run"):
+        trainer.evaluate(config, workdir)
 
 
 def test_resuming_with_changed_fields_warns_naming_them_and_records_the_new_config(digits_run, tmp_path, caplog):

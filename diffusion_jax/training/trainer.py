@@ -335,7 +335,7 @@ _MODEL_FIELDS_FREE_AT_INFERENCE = ("model.dropout",)
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     flat = {}
     for key, value in tree.items():
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict):  # an empty one adds nothing: {} and absent keys say the same
             flat.update(_flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
