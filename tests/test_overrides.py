@@ -40,6 +40,13 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
     # Repeats: the last position and value.
     (["--config.diffusion.schedule_kwargs.s=0.01", "--config.model.ch=None", "--config.diffusion.schedule_kwargs.s=0.02"],
      [], {"model.ch": "None", "diffusion.schedule_kwargs.s": "0.02"}),
+    # The space form of both kinds; the next word is taken as the value only for these.
+    (["--config.model.num_classes", "None", "--config.diffusion.schedule_kwargs.beta_end", "0.03",
+      "--config.model.ch", "64", "--config.diffusion.schedule_kwargs.s", "-0.5"],
+     ["--config.model.ch", "64"],
+     {"model.num_classes": "None", "diffusion.schedule_kwargs.beta_end": "0.03", "diffusion.schedule_kwargs.s": "-0.5"}),
+    # A later space-form override of the same field wins over an earlier None.
+    (["--config.sample.num_steps", "None", "--config.sample.num_steps", "7"], ["--config.sample.num_steps", "7"], {}),
     # Not flags after "--"; "None" as a value of another flag is left alone.
     (["--sampler=None", "--", "--config.model.ch=None"], ["--sampler=None", "--", "--config.model.ch=None"], {}),
 ])
@@ -119,8 +126,8 @@ def _parse(*args):
 
 
 def test_train_py_takes_none_and_schedule_kwargs_keys():
-    proc = _parse("--config.model.num_classes=None", "--config.sample.num_steps=None",
-                  "--config.diffusion.schedule_kwargs.beta_end=0.03", "--config.model.ch=64")
+    proc = _parse("--config.model.num_classes=None", "--config.sample.num_steps", "None",
+                  "--config.diffusion.schedule_kwargs.beta_end", "0.03", "--config.model.ch=64")
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = json.loads(proc.stdout.split("CONFIG=", 1)[1])
     assert config["sample"]["num_steps"] is None  # configs/digits.py sets 25
@@ -133,9 +140,10 @@ def test_train_py_takes_none_and_schedule_kwargs_keys():
     ("--config.model.chh=64", "--config.model.chh: config.model has no field 'chh' (Did you mean \"ch\""),
     ("--config.modle.ch=64", "--config.modle.ch: the config has no field 'modle' (Did you mean \"model\""),
     ("--config.modle.ch=None", "--config.modle.ch: the config has no field 'modle' (did you mean \"model\"?)"),
+    ("--config.model.chh 64", "--config.model.chh: config.model has no field 'chh' (Did you mean \"ch\""),
 ])
 def test_train_py_reports_a_misspelled_field_in_one_line(arg, message):
-    proc = _parse(arg)
+    proc = _parse(*arg.split(" "))  # "FIELD VALUE": the space form, two words
     assert proc.returncode == 1
     assert f"FATAL Flags parsing error: {message}" in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr

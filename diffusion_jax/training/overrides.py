@@ -49,6 +49,9 @@ def _open_field_of(path: str) -> str | None:
 def split_late_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     """Takes ``--config.FIELD=None`` and ``--config.<open field>.KEY=VALUE`` out of ``argv``.
 
+    Either may be in absl's space form too (``--config.FIELD None``,
+    ``--config.<open field>.KEY VALUE``).
+
     Args:
       argv: the command line, program name first (flagfiles already expanded).
 
@@ -59,15 +62,21 @@ def split_late_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, str]
       cancels the earlier late one, so that the last one still wins.
     """
     kept, late = [], {}
-    for i, arg in enumerate(argv):
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
         if arg == "--":  # what follows is not flags
             kept.extend(argv[i:])
             break
         match = _OVERRIDE.match(arg) if i > 0 else None
+        i += 1
         if match is None:
             kept.append(arg)
             continue
         path, value = match.group(1), match.group(3)
+        if value is None and i < len(argv) and (argv[i] == "None" or _open_field_of(path)):
+            value = argv[i]  # the space form, "--config.FIELD None": its value is the next word
+            i += 1
         if value is not None and (value == "None" or _open_field_of(path)):
             late.pop(path, None)  # re-inserted last: the order to apply
             late[path] = value
