@@ -91,7 +91,9 @@ def schedule_from_alphas_cumprod(
     gradients flow to whatever produced them.
 
     Args:
-      alphas_cumprod: ``[T]`` alphabar_t, strictly decreasing in (0, 1].
+      alphas_cumprod: ``[T]`` alphabar_t, strictly decreasing in (0, 1), with
+        1 - alphabar_t > 0 (alphabar_0 = 1 would make beta_0 = 0 and the
+        t = 0 posterior 0/0).
       one_minus_alphas_cumprod: ``[T]`` 1 - alphabar_t if known more precisely.
       betas: ``[T]`` beta_t if known more precisely than the ratio.
       timesteps: ``[T]`` int original indices; defaults to ``arange(T)``.
@@ -113,17 +115,20 @@ def schedule_from_alphas_cumprod(
     if one_minus_abar is None:
         one_minus_abar = 1.0 - abar
     if concrete:
-        if not np.all((abar > 0) & (abar <= 1)):
-            raise ValueError(f"alphas_cumprod must lie in (0, 1], got values in [{abar.min()}, {abar.max()}]")
+        if not np.all((abar > 0) & (abar <= 1) & (one_minus_abar > 0)):
+            raise ValueError(f"alphas_cumprod must lie in (0, 1) (every 1 - alphabar_t > 0: alphabar_0 = 1 "
+                             f"leaves no noise at t = 0), got values in [{abar.min()}, {abar.max()}]")
         if abar.shape[0] > 1 and not np.all(np.diff(abar) < 0):
             raise ValueError("alphas_cumprod must be strictly decreasing in t (every beta_t > 0)")
     abar_prev = xp.concatenate([xp.ones((1,), dtype), abar[:-1]])
     # 1 - alphabar_{t-1} from the accurate table, not by subtraction (float32 near t = 0).
     one_minus_abar_prev = xp.concatenate([xp.zeros((1,), dtype), one_minus_abar[:-1]])
     betas = as_array(betas)
-    if betas is None:
-        betas = 1.0 - abar / abar_prev
-    alphas = 1.0 - betas
+    if betas is None:  # beta_0 = 1 - alphabar_0 from the accurate table
+        betas = xp.concatenate([one_minus_abar[:1], 1.0 - abar[1:] / abar[:-1]])
+    # alpha_t as the ratio, not 1 - beta_t: a beta_t near 1 (the last row of a respaced cosine
+    # schedule) would leave alpha_t few digits in float32.
+    alphas = abar / abar_prev
 
     posterior_variance = betas * one_minus_abar_prev / one_minus_abar
     # tilde-beta_0 = 0; the t = 0 row of the reverse process is the decoder, and
@@ -191,6 +196,8 @@ def schedule_from_log_snr(log_snr, *, timesteps=None) -> DiffusionSchedule:
     lam = xp.asarray(log_snr, dtype=np.float64 if concrete else jnp.float32)
     if lam.ndim != 1 or lam.shape[0] < 1:
         raise ValueError(f"log_snr must be a non-empty [T] vector, got shape {lam.shape}")
+    if concrete and not np.all(np.isfinite(lam)):
+        raise ValueError(f"log_snr must be finite (lambda = +inf is alphabar = 1, no noise), got {lam.tolist()}")
     if concrete and lam.shape[0] > 1 and not np.all(np.diff(lam) < 0):
         raise ValueError("log_snr must be strictly decreasing in t")
     log_sigmoid = lambda x: -xp.logaddexp(0.0, -x)  # noqa: E731

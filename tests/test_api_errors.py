@@ -71,6 +71,8 @@ def test_schedule_from_betas_rejects(betas, match):
         (np.array([1.0, 1.0]), r"log_snr must be strictly decreasing"),
         (np.zeros((2, 2)), r"log_snr must be a non-empty \[T\] vector"),
         (np.zeros((0,)), r"log_snr must be a non-empty \[T\] vector"),
+        (np.array([np.inf, 1.0, 0.0]), r"log_snr must be finite"),  # alphabar_0 = 1: a 0/0 posterior
+        (np.array([1.0, 0.0, -np.inf]), r"log_snr must be finite"),
     ],
 )
 def test_schedule_from_log_snr_rejects(log_snr, match):
@@ -106,11 +108,27 @@ def test_schedule_from_alphas_cumprod_rejects_bad_shape():
         dj.schedule_from_alphas_cumprod(np.full((2, 2), 0.5))
 
 
-@pytest.mark.parametrize("abar", [[0.5, 0.9], [0.9, 0.0], [1.5, 0.5]])
+@pytest.mark.parametrize("abar", [[0.5, 0.9], [0.9, 0.0], [1.5, 0.5],
+                                  [1.0, 0.9, 0.5]])  # alphabar_0 = 1: beta_0 = 0, coef1 = 0/0 at t = 0
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_schedule_from_alphas_cumprod_rejects_invalid_values(abar):
     with pytest.raises(ValueError, match="alphas_cumprod"):
         dj.schedule_from_alphas_cumprod(np.array(abar))
+
+
+def test_alphas_cumprod_within_an_ulp_of_one_is_accepted_with_its_exact_complement():
+    """alphabar rounds to 1.0 in float64 but the given 1 - alphabar is positive: a valid schedule."""
+    schedule = dj.schedule_from_alphas_cumprod(np.array([1.0, 0.9, 0.5]),
+                                               one_minus_alphas_cumprod=np.array([1e-20, 0.1, 0.5]))
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree_util.tree_leaves(schedule))
+    # beta_0 = 1 - alphabar_0, so the t = 0 posterior mean is x_0 itself (coef1 = 1, coef2 = 0).
+    np.testing.assert_allclose(np.asarray(schedule.betas, np.float64), [1e-20, 0.1, 1 - 0.5 / 0.9], rtol=1e-6)
+    assert float(schedule.posterior_mean_coef1[0]) == 1.0 and float(schedule.posterior_mean_coef2[0]) == 0.0
+
+
+def test_training_losses_refuses_min_snr_gamma_with_the_bound_alone(schedule):
+    with pytest.raises(ValueError, match=r"min_snr_gamma weights the simple loss, which loss='vlb' does not have"):
+        dj.training_losses(zeros_model, schedule, X, TS, X, loss="vlb", min_snr_gamma=5.0)
 
 
 @pytest.mark.parametrize(

@@ -185,6 +185,15 @@ def test_non_finite_numbers_are_rejected(field, value):
     _bad(mutate, rf"config\.{section}.*{leaf}.*finite" if section == "optim" else rf"config\.{field}.*finite")
 
 
+def test_min_snr_gamma_needs_the_simple_loss_in_the_objective():
+    def mutate(c):
+        c.diffusion.loss, c.diffusion.min_snr_gamma = "vlb", 5.0
+    _bad(mutate, r"config\.diffusion\.min_snr_gamma.*loss='vlb' does not have")
+    config = _load("cifar10")
+    config.diffusion.loss, config.diffusion.variance, config.diffusion.min_snr_gamma = "hybrid", "learned_range", 5.0
+    trainer.validate_config(config, device_count=1)
+
+
 def test_seed_must_fit_the_prng_key():
     def mutate(c):
         c.seed = 2**32  # jax.random.PRNGKey(2**32) equals PRNGKey(0)

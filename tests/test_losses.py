@@ -174,6 +174,20 @@ def test_decoder_probabilities_sum_to_one(mean, scale):
     assert abs(total - 1) < tol, (total, tol)
 
 
+def test_decoder_puts_bfloat16_data_back_on_the_grid():
+    """bfloat16 holds 2k/255 - 1 only to ~0.24 of a bin: the bins must be those of the 8-bit
+    values the data stands for, as for the same data in float32."""
+    rng = np.random.default_rng(0)
+    k = rng.integers(0, 256, 512)
+    x32 = j32(2 * k / 255 - 1)
+    x16 = x32.astype(jnp.bfloat16)
+    assert np.abs(f64(x16) - f64(x32)).max() * 127.5 > 0.1  # off the grid by a tenth of a bin
+    means, log_scales = j32(f64(x32) + rng.normal(0, 0.03, 512)), j32(np.full(512, math.log(0.02)))
+    got = dj.discretized_gaussian_log_likelihood(x16, means=means, log_scales=log_scales)
+    expected = [log_bin_probability(np.float32(x), np.float32(m), 0.02) for x, m in zip(f64(x32), f64(means))]
+    np.testing.assert_allclose(f64(got), expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "x,mean,scale",
     [

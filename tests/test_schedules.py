@@ -363,6 +363,21 @@ def test_traced_posterior_tables_are_accurate_at_high_log_snr():
     )
 
 
+def test_traced_respace_keeps_alpha_accurate_where_beta_is_near_one():
+    """The last row of a 50-step cosine respacing has beta ~ 1 - 2.5e-6: alpha_t = 1 - beta_t in
+    float32 kept one digit (coef2 off by 5e-4 relative); the ratio alphabar_t / alphabar_{t-1} keeps it."""
+    base = dj.make_schedule("cosine", 1000)
+    kept = dj.evenly_spaced_timesteps(1000, 50)
+    traced = jax.jit(lambda s: dj.respace(s, kept))(base)
+    abar = f64(base.alphas_cumprod)[np.asarray(kept)]
+    one_minus = f64(base.one_minus_alphas_cumprod)[np.asarray(kept)]
+    abar_prev = np.concatenate([[1.0], abar[:-1]])
+    one_minus_prev = np.concatenate([[0.0], one_minus[:-1]])
+    assert 1 - abar[-1] / abar_prev[-1] > 0.99999  # the row this is about
+    np.testing.assert_allclose(f64(traced.posterior_mean_coef2),
+                               np.sqrt(abar / abar_prev) * one_minus_prev / one_minus, rtol=2e-5, atol=1e-30)
+
+
 # --- Pytree contract ----------------------------------------------------------------------
 
 

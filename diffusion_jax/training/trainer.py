@@ -283,6 +283,9 @@ def validate_config(
     if gamma is not None and (isinstance(gamma, bool) or not isinstance(gamma, (int, float))
                               or not 0 < gamma < math.inf):
         _fail(f"{d}.min_snr_gamma", f"must be a finite positive number or None, got {gamma!r}")
+    if gamma is not None and config.diffusion.loss == "vlb":
+        _fail(f"{d}.min_snr_gamma", "weights the simple loss, which loss='vlb' does not have: "
+              "use loss='simple' or 'hybrid', or min_snr_gamma=None")
     _check_range(config, f"{d}.vlb_weight", 0.0, math.inf)
 
     # Optimizer.
