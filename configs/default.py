@@ -42,6 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.max_consecutive_nonfinite = 20
     # Probability of replacing a label with the null class during training,
     # for classifier-free guidance (Ho & Salimans 2022). Needs model.num_classes.
+    # A conditional model's NLL is that of the unconditional model (the null
+    # class) when > 0, and of p(x | label) when 0.
     config.cond_drop_rate = 0.0
     # jax.distributed.initialize: "true", "false", or "auto": when a launcher's
     # environment says the job has several processes (JAX_COORDINATOR_ADDRESS,
@@ -101,6 +103,13 @@ def get_config() -> ml_collections.ConfigDict:
     # Number of classes for a class-conditional model (None: unconditional);
     # must match the dataset's. Label num_classes is the null class.
     config.model.num_classes = config_dict.placeholder(int)
+    # How attention is computed: None (two batched matmuls, XLA), "xla" or
+    # "cudnn" (jax.nn.dot_product_attention; "cudnn" is a fused GPU kernel and
+    # needs compute_dtype="bfloat16"). The same values either way.
+    config.model.attention_impl = config_dict.placeholder(str)
+    # The 3x3 kernels' gradient: "auto", "xla" or "taps" (speed only; see
+    # diffusion_jax.models.UNetConfig.conv_weight_grad).
+    config.model.conv_weight_grad = "auto"
 
     # --- Diffusion ----------------------------------------------------------------
     config.diffusion = ml_collections.ConfigDict()
@@ -113,7 +122,9 @@ def get_config() -> ml_collections.ConfigDict:
     # line --config.diffusion.schedule_kwargs.beta_end=0.03.
     config.diffusion.schedule_kwargs = ml_collections.ConfigDict()
     # Learn the noise schedule (dj.LearnedSchedule, Kingma et al. 2021) jointly
-    # with the model, instead of `schedule`. Needs loss="vlb".
+    # with the model, instead of `schedule`. Needs loss="vlb" and
+    # optim.weight_decay=0. The schedule has no moving average: evaluation and
+    # sampling pair the EMA model with the schedule's latest parameters.
     config.diffusion.learned_schedule = False
     # What the model predicts: "eps", "x0" or "v".
     config.diffusion.prediction = "eps"
@@ -151,13 +162,19 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.sampler = "ddpm"
     # Respace to this many steps (None: all T).
     config.sample.num_steps = config_dict.placeholder(int)
+    # Which rows num_steps keeps: "time" (evenly in t), "log_snr" (evenly in
+    # log-SNR, Lu et al. 2022), or None: the sampler's default (log_snr for
+    # dpm_solver++, time otherwise; time with a learned schedule, whose rows
+    # cannot be chosen inside the compiled sampler).
+    config.sample.spacing = config_dict.placeholder(str)
     # DDIM stochasticity in [0, 1].
     config.sample.eta = 0.0
     # Images per grid (0: no grids during training); drawn in a multiple of
     # the device count and trimmed.
     config.sample.num_images = 64
     # Classifier-free guidance weight w (Ho & Salimans 2022 eq. 6); needs
-    # model.num_classes. Samples cycle through the classes.
+    # model.num_classes and cond_drop_rate > 0 (which trains the null class).
+    # Samples cycle through the classes.
     config.sample.guidance_scale = 0.0
     # Clip the predicted x_0 to [-1, 1] at every step.
     config.sample.clip_denoised = True

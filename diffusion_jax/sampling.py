@@ -1,7 +1,10 @@
 """Reverse-process samplers, each one ``lax.scan`` over the timesteps.
 
 ``sample`` is jittable as a whole (``model_fn``, ``shape`` and the keyword
-options static), and its compile time does not grow with the number of steps
+options static; with ``num_steps``, log-SNR spacing, the default of
+dpm_solver++, chooses its rows from the schedule's values, so the schedule
+must then be concrete: closed over, not a traced argument, or use
+``spacing="time"``). Its compile time does not grow with the number of steps
 because the step is traced once.
 """
 
@@ -261,16 +264,17 @@ def classifier_free_guidance(
     """Turns a conditional ``model_fn(x, t, y)`` into a guided ``model_fn(x, t)`` (Ho & Salimans 2022 eq. 6).
 
     output = (1 + w) model(x, t, y) - w model(x, t, null), with w =
-    ``guidance_scale`` (w = 0 is plain conditional sampling). The conditional
-    and unconditional halves run as one batch of 2B. With learned variance the
-    combination applies to the prediction channels; the variance channels are
-    the conditional ones.
+    ``guidance_scale``. The conditional and unconditional halves run as one
+    batch of 2B; a concrete w = 0 is plain conditional sampling and runs the
+    conditional model alone. With learned variance the combination applies to
+    the prediction channels; the variance channels are the conditional ones.
 
     Args:
       model_fn: ``model_fn(x, t, y) -> output``.
       labels: int ``[B]`` class labels, one per sample.
       guidance_scale: w >= 0.
-      null_label: the label id the model was trained with for "no class".
+      null_label: the label id the model was trained with for "no class"
+        (our UNet's is ``num_classes``), an int >= 0.
       variance: the model's variance type, to find its prediction channels.
 
     Returns:
@@ -279,13 +283,22 @@ def classifier_free_guidance(
     _checks.check_choice("variance", variance, _checks.VARIANCES)
     if not isinstance(guidance_scale, jax.core.Tracer) and guidance_scale < 0:
         raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+    try:
+        null_label = operator.index(null_label)
+    except TypeError:
+        raise TypeError(f"null_label must be an int, got {null_label!r}") from None
+    if null_label < 0:
+        raise ValueError(f"null_label must be >= 0, got {null_label}")
     labels = jnp.asarray(labels)
     if labels.ndim != 1 or not jnp.issubdtype(labels.dtype, jnp.integer):
         raise ValueError(f"labels must be an int [B] array, got shape {labels.shape} dtype {labels.dtype}")
+    unguided = not isinstance(guidance_scale, jax.core.Tracer) and guidance_scale == 0
 
     def guided(x: jax.Array, t: jax.Array) -> jax.Array:
         if x.shape[0] != labels.shape[0]:
             raise ValueError(f"batch of x ({x.shape[0]}) must match the number of labels ({labels.shape[0]})")
+        if unguided:
+            return model_fn(x, t, labels)
         y = jnp.concatenate([labels, jnp.full_like(labels, null_label)])
         out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), y)
         cond, uncond = jnp.split(out, 2)

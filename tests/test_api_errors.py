@@ -515,6 +515,15 @@ def test_classifier_free_guidance_rejects(labels, kwargs, match):
         dj.classifier_free_guidance(cond_model, labels, null_label=10, **kwargs)
 
 
+def test_classifier_free_guidance_rejects_a_bad_null_label():
+    """Inside the sampler's scan the labels are traced, and an embedding lookup out of range is
+    NaN (or, for -1, silently the last row): the null label is checked where it is given."""
+    with pytest.raises(ValueError, match=r"null_label must be >= 0, got -1"):
+        dj.classifier_free_guidance(cond_model, jnp.array([0, 1]), guidance_scale=1.0, null_label=-1)
+    with pytest.raises(TypeError, match=r"null_label must be an int, got 10\.0"):
+        dj.classifier_free_guidance(cond_model, jnp.array([0, 1]), guidance_scale=1.0, null_label=10.0)
+
+
 def test_guided_model_rejects_batch_mismatch():
     guided = dj.classifier_free_guidance(cond_model, jnp.array([0, 1]), guidance_scale=1.0, null_label=10)
     with pytest.raises(ValueError, match=r"batch of x \(3\) must match the number of labels \(2\)"):

@@ -309,3 +309,38 @@ def test_a_section_set_to_a_value_is_named():
     config = ml_collections.ConfigDict(as_dict)
     with pytest.raises(TypeError, match=r"^config\.eval: must be a section"):
         trainer.validate_config(config, device_count=1)
+
+
+def test_guidance_needs_a_trained_null_class():
+    def mutate(c):
+        c.model.num_classes, c.sample.guidance_scale, c.cond_drop_rate = 10, 0.3, 0.0
+    _bad(mutate, r"config\.sample\.guidance_scale: > 0 needs cond_drop_rate > 0")
+    trainer.validate_config(_load("cifar10_cond"), device_count=1)  # 0.1, as the paper
+
+
+@pytest.mark.parametrize("spacing, learned, num_steps, match", [
+    ("linear", False, 10, r"config\.sample\.spacing.*'linear'"),
+    ("log_snr", True, 10, r"config\.sample\.spacing: 'log_snr' needs a fixed schedule"),
+])
+def test_bad_sample_spacing(spacing, learned, num_steps, match):
+    def mutate(c):
+        c.sample.spacing, c.sample.num_steps = spacing, num_steps
+        if learned:
+            c.diffusion.learned_schedule, c.diffusion.loss = True, "vlb"
+    _bad(mutate, match)
+
+
+@pytest.mark.parametrize("spacing, learned, num_steps", [
+    ("log_snr", False, 10), ("time", True, 10), ("log_snr", True, None), (None, True, 10)])
+def test_good_sample_spacing(spacing, learned, num_steps):
+    config = _load("cifar10")
+    config.sample.spacing, config.sample.num_steps = spacing, num_steps
+    if learned:
+        config.diffusion.learned_schedule, config.diffusion.loss = True, "vlb"
+    trainer.validate_config(config, device_count=1)
+
+
+def test_a_learned_schedule_takes_no_weight_decay():
+    def mutate(c):
+        c.diffusion.learned_schedule, c.diffusion.loss, c.optim.weight_decay = True, "vlb", 0.01
+    _bad(mutate, r"config\.diffusion\.learned_schedule: needs optim\.weight_decay=0")

@@ -233,3 +233,57 @@ def test_ddim_eta_half_steps_match_song_et_al_eq_12_and_16():
         assert abs(slope_hat - slope) < 5 * sigma / np.linalg.norm(x_t) + 1e-5, (i, slope_hat, slope)
         residual_var = np.mean((x_s - slope * x_t) ** 2)
         assert abs(residual_var / sigma**2 - 1.0) < 5 * np.sqrt(2.0 / n), (i, residual_var, sigma**2)
+
+
+# --- Classifier-free guidance (Ho & Salimans 2022 eq. 6) -------------------------------------
+
+
+def _label_model(calls):
+    """A conditional model whose output depends on x, t and y in a known way; records batch sizes."""
+    def model(x, t, y):
+        calls.append(x.shape[0])
+        scale = (y.astype(jnp.float32) + 1.0)[:, None, None, None]
+        return jnp.concatenate([x * scale + t[:, None, None, None] * 0.01, jnp.tanh(x) - scale], axis=-1)
+    return model
+
+
+@pytest.mark.parametrize("variance", ["fixed_small", "learned_range"])
+@pytest.mark.parametrize("w", [0.3, 2.0])
+def test_guidance_is_eq_6_on_the_prediction_channels(variance, w):
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 2, 1))
+    t = jnp.array([5, 0, 9], jnp.int32)
+    labels = jnp.array([0, 4, 2], jnp.int32)
+    calls = []
+    model = _label_model(calls)
+    channels = 2 if variance == "learned_range" else 1
+
+    def cond(x, t, y):
+        return model(x, t, y)[..., :channels]
+
+    guided = dj.classifier_free_guidance(cond, labels, guidance_scale=w, null_label=7, variance=variance)
+    got = np.asarray(guided(x, t))
+    xs, ts = np.asarray(x), np.asarray(t, np.float64)[:, None, None, None]
+    pred_c = xs * (np.asarray(labels) + 1.0)[:, None, None, None] + ts * 0.01
+    pred_u = xs * 8.0 + ts * 0.01
+    np.testing.assert_allclose(got[..., :1], (1 + w) * pred_c - w * pred_u, rtol=1e-5, atol=1e-5)
+    if variance == "learned_range":  # the conditional branch's variance channels
+        np.testing.assert_allclose(got[..., 1:], np.tanh(xs) - (np.asarray(labels) + 1.0)[:, None, None, None],
+                                   rtol=1e-5, atol=1e-6)
+    assert calls == [6]  # both halves as one batch of 2B
+
+
+def test_guidance_scale_zero_runs_the_conditional_model_alone():
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 2, 2, 1))
+    t = jnp.array([1, 2, 3], jnp.int32)
+    labels = jnp.array([0, 1, 2], jnp.int32)
+    calls = []
+    model = _label_model(calls)
+    cond = lambda x, t, y: model(x, t, y)[..., :1]  # noqa: E731
+    got = dj.classifier_free_guidance(cond, labels, guidance_scale=0.0, null_label=3)(x, t)
+    assert calls == [3]  # not a doubled batch
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(cond(x, t, labels)))
+    # A traced w of 0 cannot be told apart while tracing: both halves run, with the same result.
+    calls.clear()
+    traced = jax.jit(lambda w: dj.classifier_free_guidance(cond, labels, guidance_scale=w, null_label=3)(x, t))(0.0)
+    assert calls == [6]
+    np.testing.assert_allclose(np.asarray(traced), np.asarray(got), rtol=1e-6)

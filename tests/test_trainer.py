@@ -13,6 +13,7 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -20,7 +21,8 @@ from tensorboardX.proto import event_pb2
 
 from configs import cifar10 as cifar10_config
 from configs import digits as digits_config
-from diffusion_jax import checkpointing, input_pipeline
+import diffusion_jax as dj
+from diffusion_jax import checkpointing, input_pipeline, parallel
 from diffusion_jax.training import trainer
 
 pytestmark = pytest.mark.slow
@@ -421,3 +423,60 @@ def test_one_cifar10_training_step_on_mock_data(tmp_path):
     assert len(loss) == 1 and np.isfinite(loss[0][1])
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "1"))
     assert not os.path.exists(os.path.join(workdir, "samples"))
+
+
+def test_a_learned_schedule_trains_evaluates_and_samples_with_dpm_solver(tmp_path):
+    """A learned schedule is traced inside the sampling program: DPM-Solver++'s default log-SNR
+    spacing cannot choose rows there, so the trainer keeps "time" rows for it (sampling failed)."""
+    config = _tiny_digits_config(num_train_steps=4)
+    config.log_every_steps = 2
+    config.checkpoint_every_steps = 4
+    config.eval_every_steps = 2
+    config.diffusion.learned_schedule, config.diffusion.loss = True, "vlb"
+    config.sample.sampler, config.sample.num_steps = "dpm_solver++", 4
+    workdir = str(tmp_path / "learned")
+    state = trainer.train_and_evaluate(config, workdir)
+    assert int(state.step) == 4 and int(state.nonfinite_count) == 0
+    initial = trainer._Job(config, (8, 8, 1)).create_state().schedule_params
+    moved = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+             for a, b in zip(jax.tree.leaves(state.schedule_params), jax.tree.leaves(initial))]
+    assert max(moved) > 0, "the schedule's parameters did not train"
+    assert os.path.exists(os.path.join(workdir, "samples", "step_00000002.png"))
+    assert os.path.exists(os.path.join(workdir, "samples", "step_00000004.png"))
+    nll = json.load(open(os.path.join(workdir, "nll.json")))  # written after the final samples
+    assert nll["step"] == 4 and 0 < nll["nll_bpd"] < 50  # 4 steps: a bound, not yet a good one
+    images = trainer.sample(config, workdir, num_images=3, num_steps=3)
+    assert images.shape == (3, 8, 8, 1) and np.all(np.isfinite(images))
+
+
+def test_a_conditional_model_trained_without_dropped_labels_is_scored_with_its_labels(tmp_path):
+    """With cond_drop_rate=0 the null class is never trained: the NLL is that of p(x | label)."""
+    config = _training_only(_tiny_digits_config(num_train_steps=1))
+    config.model.num_classes = 10
+    _, job = trainer._setup(config, str(tmp_path / "run"))
+    # Initial parameters end in a zero convolution (the output ignores the label): perturb them all.
+    leaves, treedef = jax.tree.flatten(job.create_state().ema_params)
+    keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
+    state = trainer.TrainState(step=None, params=None, opt_state=None, ema_params=jax.tree.unflatten(
+        treedef, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]))
+    batch = next(iter(input_pipeline.create_eval_iterator(
+        trainer._data_config(config), batch_size=16, max_batches=1)))
+    batch = {"image": batch["image"], "label": batch["label"]}
+    assert len(set(batch["label"].tolist())) > 1
+    key = jax.random.PRNGKey(3)
+    got = np.asarray(job.nll_program()(state.ema_params, None, parallel.shard_batch(batch, job.mesh), key))
+    devices = job.mesh.size
+
+    @jax.jit
+    def block_nll(x, y, block_key):
+        model_fn = lambda x_t, t: job.model.apply({"params": state.ema_params}, x_t, t, y, train=False)  # noqa: E731
+        return dj.nll_bpd(model_fn, job.schedule, x, block_key, variance=config.diffusion.variance).total
+
+    def expected(labels):
+        """Each device's block of the batch, with its key fold_in(key, device index), as the program."""
+        return np.concatenate([
+            np.asarray(block_nll(x, y, jax.random.fold_in(key, i)))
+            for i, (x, y) in enumerate(zip(np.split(batch["image"], devices), np.split(labels, devices)))])
+
+    np.testing.assert_allclose(got, expected(batch["label"].astype(np.int32)), rtol=1e-4)
+    assert not np.allclose(got, expected(np.full((16,), 10, np.int32)), rtol=1e-4)

@@ -145,7 +145,7 @@ _SCHEMA = {
     "diffusion": ("num_timesteps", "schedule", "schedule_kwargs", "learned_schedule", "prediction", "variance",
                   "loss", "min_snr_gamma", "vlb_weight", "timestep_sampler"),
     "optim": _dataclass_fields(OptimConfig, derived=("total_steps",)),
-    "sample": ("sampler", "num_steps", "eta", "num_images", "guidance_scale", "clip_denoised"),
+    "sample": ("sampler", "num_steps", "spacing", "eta", "num_images", "guidance_scale", "clip_denoised"),
     "eval": ("batch_size", "num_batches_during_training", "nll_at_end", "clip_denoised"),
     "checkpoint": ("max_to_keep", "async_save"),
 }
@@ -272,6 +272,10 @@ def validate_config(
         if config.diffusion.loss != "vlb":
             _fail(f"{d}.learned_schedule", "needs diffusion.loss='vlb': only the bound gives the schedule "
                   f"a meaningful gradient (got loss={config.diffusion.loss!r})")
+        if config.optim.weight_decay:
+            _fail(f"{d}.learned_schedule", "needs optim.weight_decay=0: weight decay would pull the schedule's "
+                  "parameters (its log-SNR endpoints) towards 0 as well, narrowing the noise levels it covers "
+                  f"(got weight_decay={config.optim.weight_decay!r})")
     else:
         # Builds the tables (NumPy, no compilation): checks the kwargs and the beta range.
         _reraise_as_field(f"{d}.schedule", lambda: dj.make_schedule(
@@ -298,6 +302,12 @@ def validate_config(
         steps = _check_int(config, "sample.num_steps", minimum=1)
         if steps > num_timesteps:
             _fail("sample.num_steps", f"{steps} exceeds diffusion.num_timesteps={num_timesteps}")
+    if config.sample.spacing is not None:
+        _check_choice(config, "sample.spacing", dj.SPACINGS)
+        if (config.sample.spacing == "log_snr" and config.diffusion.learned_schedule
+                and config.sample.num_steps not in (None, num_timesteps)):
+            _fail("sample.spacing", "'log_snr' needs a fixed schedule: a learned schedule's rows cannot be "
+                  "chosen inside the compiled sampler; use 'time' (or None)")
     _check_range(config, "sample.eta", 0.0, 1.0)
     if config.sample.eta != 0 and config.sample.sampler != "ddim":
         _fail("sample.eta", f"{config.sample.eta} applies to sample.sampler='ddim' only, "
@@ -306,6 +316,9 @@ def validate_config(
     _check_range(config, "sample.guidance_scale", 0.0, math.inf)
     if config.sample.guidance_scale > 0 and config.model.num_classes is None:
         _fail("sample.guidance_scale", "> 0 needs a class-conditional model (set model.num_classes)")
+    if config.sample.guidance_scale > 0 and config.cond_drop_rate == 0:
+        _fail("sample.guidance_scale", "> 0 needs cond_drop_rate > 0: guidance extrapolates away from the "
+              "null class, which no training example has with cond_drop_rate=0 (the paper's is 0.1)")
     if not isinstance(config.sample.clip_denoised, bool):
         _fail("sample.clip_denoised", f"must be a bool, got {config.sample.clip_denoised!r}", TypeError)
 
@@ -474,15 +487,22 @@ class _Job:
     def nll_program(self) -> Callable[[Any, Any, dict, jax.Array], jax.Array]:
         """``(params, schedule_params, batch, key) -> bpd [global batch]`` (Ho et al. eq. 5).
 
-        Class-conditional models are evaluated with the null label, i.e. as
-        the unconditional model p(x) that classifier-free guidance trains.
+        Class-conditional models trained with ``cond_drop_rate > 0`` are
+        evaluated with the null label, i.e. as the unconditional model p(x)
+        that classifier-free guidance trains; with ``cond_drop_rate = 0`` the
+        null class is untrained, and the bound is that of p(x | label), with
+        each image's own label.
         """
         cfg = self.config
         null_label = cfg.model.num_classes
+        unconditional = cfg.cond_drop_rate > 0
 
         def per_device(params, schedule_params, batch, key):
             images = batch["image"]
-            y = None if null_label is None else jnp.full(images.shape[:1], null_label, jnp.int32)
+            y = None
+            if null_label is not None:
+                y = (jnp.full(images.shape[:1], null_label, jnp.int32) if unconditional
+                     else batch["label"].astype(jnp.int32))
 
             def model_fn(x, t):
                 return self.model.apply({"params": params}, x, t, y, train=False)
@@ -497,15 +517,22 @@ class _Job:
                                       out_specs=P(parallel.DATA_AXIS))
 
     def sample_program(self, num_images: int, *, sampler: str, num_steps: int | None):
-        """``(params, schedule_params, key) -> images [n, H, W, C]`` in [-1, 1], n >= num_images.
+        """``(params, schedule_params, key) -> images [n, H, W, C]``, n >= num_images.
 
-        ``n`` is ``num_images`` rounded up to a multiple of the device count;
-        each device draws its share with its own key. Conditional models draw
-        image ``i`` of class ``i % num_classes``, guided with
-        ``sample.guidance_scale`` (Ho & Salimans 2022 eq. 6).
+        In [-1, 1] with ``sample.clip_denoised`` (the last step returns the
+        clipped x0 estimate); unclipped otherwise. ``n`` is ``num_images``
+        rounded up to a multiple of the device count; each device draws its
+        share with its own key. Conditional models draw image ``i`` of class
+        ``i % num_classes``, guided with ``sample.guidance_scale`` (Ho &
+        Salimans 2022 eq. 6). ``num_steps`` keeps the rows that
+        ``sample.spacing`` says; with a learned schedule, traced here, the
+        default is "time".
         """
         cfg = self.config
         num_devices = self.mesh.size
+        spacing = None
+        if num_steps is not None and num_steps != cfg.diffusion.num_timesteps:
+            spacing = cfg.sample.spacing or ("time" if self.learned_schedule else None)
         per_device_images = -(-num_images // num_devices)
         num_classes = cfg.model.num_classes
 
@@ -525,7 +552,8 @@ class _Job:
                     null_label=num_classes, variance=cfg.diffusion.variance)
             return dj.sample(model_fn, self.schedule_from(schedule_params),
                              (per_device_images,) + self.image_shape, key, sampler=sampler,
-                             num_steps=num_steps, eta=cfg.sample.eta, prediction=cfg.diffusion.prediction,
+                             num_steps=num_steps, spacing=spacing, eta=cfg.sample.eta,
+                             prediction=cfg.diffusion.prediction,
                              variance=cfg.diffusion.variance, clip_denoised=cfg.sample.clip_denoised)
 
         return parallel.data_parallel(per_device, self.mesh, in_specs=(P(), P(), P()),
@@ -543,7 +571,7 @@ class _Job:
         total, count = 0.0, 0.0
         for i, batch in enumerate(iterator):
             mask = parallel.to_host(parallel.shard_batch(batch["mask"], self.mesh))
-            batch = parallel.shard_batch({"image": batch["image"]}, self.mesh)
+            batch = parallel.shard_batch({"image": batch["image"], "label": batch["label"]}, self.mesh)
             bpd = parallel.to_host(nll_fn(state.ema_params, state.schedule_params, batch,
                                           jax.random.fold_in(key, i)))
             total += float(np.sum(bpd * mask))
@@ -924,7 +952,8 @@ def sample(
     """Draws images with the latest checkpoint's EMA parameters.
 
     Writes ``workdir/samples/sample_step<S>_<sampler><steps>.png`` (a grid)
-    and ``.npz`` (``images``: float32 ``[N, H, W, C]`` in [-1, 1]), and the grid
+    and ``.npz`` (``images``: float32 ``[N, H, W, C]``, in [-1, 1] with
+    ``sample.clip_denoised``), and the grid
     to TensorBoard under ``samples/<sampler><steps>`` at step S (dpm_solver++
     as dpm_solverpp: TensorBoard tags take no "+").
 
@@ -934,7 +963,8 @@ def sample(
       num_images, sampler, num_steps: override ``config.sample``.
 
     Returns:
-      The images, float32 ``[num_images, H, W, C]`` in [-1, 1].
+      The images, float32 ``[num_images, H, W, C]`` (in [-1, 1] with
+      ``sample.clip_denoised``).
     """
     config = config.copy_and_resolve_references()
     with config.unlocked():
