@@ -344,3 +344,13 @@ def test_a_learned_schedule_takes_no_weight_decay():
     def mutate(c):
         c.diffusion.learned_schedule, c.diffusion.loss, c.optim.weight_decay = True, "vlb", 0.01
     _bad(mutate, r"config\.diffusion\.learned_schedule: needs optim\.weight_decay=0")
+
+
+def test_attention_and_kernel_gradient_choices_are_config_fields():
+    _bad(lambda c: c.model.update(attention_impl="cudnn"), r"config\.model\.attention_impl: 'cudnn'.*bfloat16")
+    _bad(lambda c: c.model.update(attention_impl="flash"), r"config\.model.*attention_impl")
+    _bad(lambda c: c.model.update(conv_weight_grad="fast"), r"config\.model.*conv_weight_grad")
+    config = _load("cifar10")
+    config.compute_dtype, config.model.attention_impl, config.model.conv_weight_grad = "bfloat16", "cudnn", "taps"
+    trainer.validate_config(config, device_count=1)
+    assert trainer._unet_config(config, 3).attention_impl == "cudnn"

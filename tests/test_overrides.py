@@ -127,13 +127,15 @@ def _parse(*args):
 
 def test_train_py_takes_none_and_schedule_kwargs_keys():
     proc = _parse("--config.model.num_classes=None", "--config.sample.num_steps", "None",
-                  "--config.diffusion.schedule_kwargs.beta_end", "0.03", "--config.model.ch=64")
+                  "--config.diffusion.schedule_kwargs.beta_end", "0.03", "--config.model.ch=64",
+                  "--config.model.attention_impl=xla")
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = json.loads(proc.stdout.split("CONFIG=", 1)[1])
     assert config["sample"]["num_steps"] is None  # configs/digits.py sets 25
     assert config["model"]["num_classes"] is None
     assert config["diffusion"]["schedule_kwargs"] == {"beta_end": 0.03}
     assert config["model"]["ch"] == 64  # the ordinary overrides still apply
+    assert config["model"]["attention_impl"] == "xla"  # a typed placeholder in configs/default.py
 
 
 @pytest.mark.parametrize("arg, message", [

@@ -255,6 +255,9 @@ def validate_config(
     for level, size in enumerate(resolutions):
         if size in unet.attn_resolutions or level == len(resolutions) - 1:
             _reraise_as_field("model", lambda mult=unet.ch_mult[level]: unet.num_attention_heads(unet.ch * mult))
+    if unet.attention_impl == "cudnn" and config.compute_dtype != "bfloat16":
+        _fail("model.attention_impl", f"'cudnn' (a fused GPU kernel) needs compute_dtype='bfloat16', "
+              f"got {config.compute_dtype!r}")
     if config.cond_drop_rate > 0 and config.model.num_classes is None:
         _fail("cond_drop_rate", "> 0 needs a class-conditional model (set model.num_classes)")
 
