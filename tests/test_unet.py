@@ -248,15 +248,31 @@ def test_attention_rejects_mismatched_shapes():
         attention(q[:, :, 0], q[:, :, 0], q[:, :, 0])
 
 
+def test_dense_parts_start_each_part_at_the_scale_of_a_layer_of_its_own():
+    """DDPM's attention has separate q, k, v projections of [C, C]: variance scaling with fan_avg
+    (C + C) / 2 = C, uniform on +-sqrt(3 / C), std sqrt(1 / C) (one [C, 3C] kernel: fan_avg 2C)."""
+    c = 256
+    kernel = np.asarray(_DenseParts((c, c, c)).init(jax.random.key(1), jnp.zeros((1, c)))["params"]["kernel"])
+    assert kernel.shape == (c, 3 * c)
+    for part in np.split(kernel, 3, axis=1):
+        assert np.abs(part).max() <= math.sqrt(3 / c)
+        np.testing.assert_allclose(part.std(), math.sqrt(1 / c), rtol=0.02)  # 65536 draws: ~0.3% spread
+    assert not np.array_equal(kernel[:, :c], kernel[:, c:2 * c])  # independent draws
+    # Parts of other widths: fan_avg (C + f) / 2 each.
+    kernel = np.asarray(_DenseParts((64, 448)).init(jax.random.key(2), jnp.zeros((1, c)))["params"]["kernel"])
+    np.testing.assert_allclose(kernel[:, :64].std(), math.sqrt(2 / (c + 64)), rtol=0.03)
+    np.testing.assert_allclose(kernel[:, 64:].std(), math.sqrt(2 / (c + 448)), rtol=0.02)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_dense_parts_is_nn_dense_in_parts(dtype):
-    # Same parameters as nn.Dense(sum of the parts) from the same key (names,
-    # shapes, initial values), and its output, split by columns.
+    # The parameters of nn.Dense(sum of the parts) (names, shapes, dtypes), and
+    # its output, split by columns.
     x = jax.random.normal(jax.random.key(0), (10, 8))
     parts = _DenseParts((3, 5, 4), dtype)
-    dense = nn.Dense(12, dtype=dtype, kernel_init=nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"))
+    dense = nn.Dense(12, dtype=dtype)
     params = parts.init(jax.random.key(1), x)["params"]
-    chex.assert_trees_all_equal(params, dense.init(jax.random.key(1), x)["params"])
+    chex.assert_trees_all_equal_shapes_and_dtypes(params, dense.init(jax.random.key(1), x)["params"])
     params = dict(params, bias=jax.random.normal(jax.random.key(2), (12,)))
     ours = parts.apply({"params": params}, x)
     theirs = jnp.split(dense.apply({"params": params}, x), [3, 8], axis=-1)

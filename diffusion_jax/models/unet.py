@@ -718,23 +718,32 @@ class ResBlock(nn.Module):
 class _DenseParts(nn.Module):
     """``nn.Dense(sum(features))`` on ``[N, C]`` inputs, its output returned in parts, one matmul each.
 
-    The parameters (``kernel`` ``[C, sum(features)]``, ``bias``), their
-    initialisation and the dtype handling are those of
-    ``nn.Dense(sum(features), kernel_init=_default_init)``; part ``i`` is
-    ``x @ kernel[:, a:b] + bias[a:b]`` for its columns ``[a, b)``. Each part
-    is then a contiguous array: the attention's ``q``, ``k``, ``v`` split
-    from one ``[N, 3C]`` product would be strided slices, which XLA:CPU
-    copies out before the attention's matmuls (BENCHMARKS.md, change 13).
+    The parameters (``kernel`` ``[C, sum(features)]``, ``bias``) and the
+    dtype handling are those of ``nn.Dense(sum(features))``; part ``i`` is
+    ``x @ kernel[:, a:b] + bias[a:b]`` for its columns ``[a, b)``. Each
+    part's columns are initialised as a layer of their own,
+    ``_default_init`` of ``[C, features[i]]``: DDPM's attention has three
+    projections ``q``, ``k``, ``v`` of ``[C, C]`` each (fan_avg C), where one
+    ``[C, 3C]`` kernel's fan_avg (2C) would start them at 1/sqrt(2) of that
+    scale. Each part is then a contiguous array: the attention's ``q``,
+    ``k``, ``v`` split from one ``[N, 3C]`` product would be strided slices,
+    which XLA:CPU copies out before the attention's matmuls (BENCHMARKS.md,
+    change 13).
     """
 
     features: tuple[int, ...]
     dtype: jnp.dtype = jnp.float32
 
+    def _init_parts(self, key, shape, dtype):
+        keys = jax.random.split(key, len(self.features))
+        return jnp.concatenate([_default_init(k, (shape[0], f), dtype) for k, f in zip(keys, self.features)],
+                               axis=1)
+
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
         if x.ndim != 2:
             raise ValueError(f"_DenseParts: x must be [N, C], got shape {x.shape}")
-        kernel = self.param("kernel", _default_init, (x.shape[-1], sum(self.features)), jnp.float32)
+        kernel = self.param("kernel", self._init_parts, (x.shape[-1], sum(self.features)), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (sum(self.features),), jnp.float32)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         bounds = itertools.pairwise(itertools.accumulate(self.features, initial=0))
