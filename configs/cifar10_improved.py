@@ -14,8 +14,11 @@ horizontal flips stay on (from cifar10.py; improved-diffusion's CIFAR-10
 loader does not flip: set data.random_flip=False for their exact data), and
 the UNet is called with the timestep indices 0..3999 themselves, where
 improved-diffusion rescales them to 0..1000 by default (rescale_timesteps);
-the sinusoidal embedding takes either, but a checkpoint of theirs would need
-the rescaling.
+the sinusoidal embedding takes either. Their checkpoints do not load into this
+UNet as they are: besides that rescaling, their timestep embedding is
+[cos, sin] with frequencies exp(-log(10000) i / half) (ours, DDPM's, is
+[sin, cos] with i / (half - 1)), their attention's qkv channels are laid out
+per head, and their GroupNorm epsilon is 1e-5 (ours 1e-6, DDPM's).
 
 Sampling uses 100 respaced steps (their sec. 4: learned variances keep
 quality with few steps). The whole-split NLL at T = 4000 costs 4000 model
