@@ -237,3 +237,62 @@ def test_optim_config_rejects_bad_values():
 def test_label_dropout_needs_classes():
     with pytest.raises(ValueError, match="num_classes"):
         LossConfig(cond_drop_rate=0.1)
+
+
+def test_cosine_decay_needs_the_length_of_the_run():
+    """With total_steps left at its default the rate was 0 from the end of the warmup on."""
+    with pytest.raises(ValueError, match=r"decay='cosine'.*total_steps=1, warmup_steps=5000"):
+        OptimConfig(decay="cosine")
+    with pytest.raises(ValueError, match=r"total_steps=10, warmup_steps=10"):
+        OptimConfig(decay="cosine", warmup_steps=10, total_steps=10)
+    OptimConfig(decay="constant")  # needs no length
+
+
+def _toy_step(timestep_sampler="uniform", ema_decay=0.5, num_classes=None):
+    model = UNet(UNetConfig(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
+                            num_classes=num_classes))
+    tx, lr = make_optimizer(OptimConfig(learning_rate=1e-3, warmup_steps=0))
+    return model, tx, make_train_step(model, dj.make_schedule("linear", T), tx, lr, ema_decay=ema_decay,
+                                      loss_config=LossConfig(timestep_sampler=timestep_sampler,
+                                                             num_classes=num_classes))
+
+
+@pytest.mark.parametrize("decay", [1.5, -0.1, float("nan"), True])
+def test_make_train_step_rejects_a_bad_ema_decay(decay):
+    with pytest.raises(ValueError, match=r"ema_decay must lie in \[0, 1\]"):
+        _toy_step(ema_decay=decay)
+
+
+def _toy_state(model, tx, history=None):
+    y = None if model.config.num_classes is None else jnp.zeros((1,), jnp.int32)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 1)), jnp.zeros((1,), jnp.int32),
+                        y, train=False)["params"]
+    return create_train_state(params, tx, loss_history=history)
+
+
+@pytest.mark.parametrize("sampler, with_history, match", [
+    ("importance", False, r"timestep_sampler='importance' but the state has no loss_history"),
+    ("uniform", True, r"timestep_sampler='uniform' but the state has a loss_history"),
+])
+def test_the_timestep_sampler_and_the_loss_history_must_agree(sampler, with_history, match):
+    """The step sampled by importance exactly when the state had a history, whatever the config said."""
+    model, tx, step_fn = _toy_step(timestep_sampler=sampler)
+    state = _toy_state(model, tx, dj.init_loss_history(T) if with_history else None)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    with pytest.raises(ValueError, match=match):
+        _mapped(step_fn, mesh)(state, parallel.shard_batch(_batch(), mesh), jax.random.PRNGKey(0))
+
+
+def test_an_unconditional_batch_needs_no_label_and_the_step_names_its_axis():
+    model, tx, step_fn = _toy_step()
+    state = _toy_state(model, tx)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    batch = {"image": _batch()["image"]}
+    new_state, metrics = _mapped(step_fn, mesh)(state, parallel.shard_batch(batch, mesh), jax.random.PRNGKey(0))
+    assert int(new_state.step) == 1 and np.isfinite(float(metrics["loss"]))
+    assert "mse" in metrics and "vlb" not in metrics  # loss="simple" computes no bound
+    with pytest.raises(ValueError, match=r"needs a mesh axis named 'data'"):
+        jax.jit(step_fn)(state, batch, jax.random.PRNGKey(0))
+    model, tx, step_fn = _toy_step(num_classes=3)
+    with pytest.raises(ValueError, match=r"num_classes=3\) needs batch\['label'\]"):
+        _mapped(step_fn, mesh)(_toy_state(model, tx), parallel.shard_batch(batch, mesh), jax.random.PRNGKey(0))

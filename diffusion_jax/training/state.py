@@ -66,7 +66,8 @@ class OptimConfig:
       weight_decay: decoupled weight decay (Loshchilov & Hutter 2019); 0 is Adam.
       b1, b2, eps: Adam's moment decays and epsilon.
       decay: ``"constant"`` after warmup, or ``"cosine"`` to 0 at ``total_steps``.
-      total_steps: the length of the run, for the cosine decay.
+      total_steps: the length of the run, for the cosine decay (which needs
+        ``total_steps > warmup_steps``).
     """
 
     learning_rate: float = 2e-4
@@ -96,6 +97,10 @@ class OptimConfig:
                 raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
         if not (self.eps > 0 and math.isfinite(self.eps)):
             raise ValueError(f"eps must be a finite number > 0, got {self.eps}")
+        if self.decay == "cosine" and not self.total_steps > self.warmup_steps:
+            raise ValueError(f"decay='cosine' decays to 0 at total_steps, which must exceed warmup_steps "
+                             f"(got total_steps={self.total_steps}, warmup_steps={self.warmup_steps}; "
+                             "set total_steps to the length of the run)")
 
 
 def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:

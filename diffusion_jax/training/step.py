@@ -128,18 +128,43 @@ def make_train_step(
       ``train_step(state, batch, base_key) -> (new_state, metrics)`` for one
       device: ``batch["image"]`` float ``[b, H, W, C]`` in [-1, 1] and
       ``batch["label"]`` int ``[b]`` are this device's block of the global
-      batch; ``base_key`` is the run's key. Metrics are scalars, equal on all
-      devices: ``loss`` (unweighted mean of the per-example loss), ``mse``,
-      ``vlb``, ``loss_q0..3``, ``grad_norm`` (before clipping), ``lr``,
-      ``nonfinite`` (1.0 if this update was skipped), ``nonfinite_count`` and
+      batch (an unconditional model needs no ``"label"``); ``base_key`` is
+      the run's key. The step must run with a mesh axis named ``"data"``
+      (``parallel.DATA_AXIS``) bound, as ``parallel.data_parallel`` maps it.
+      Metrics are scalars, equal on all devices: ``loss`` (unweighted mean of
+      the per-example loss), ``mse`` (min-SNR weighted where set; not with
+      ``loss="vlb"``), ``vlb`` (T L_t; not with ``loss="simple"``),
+      ``loss_q0..3``, ``grad_norm`` (before clipping), ``lr``, ``nonfinite``
+      (1.0 if this update was skipped), ``nonfinite_count`` and
       ``consecutive_nonfinite``.
+
+    Raises:
+      ValueError: ``ema_decay`` outside [0, 1]; when the step is traced, a
+        ``state.loss_history`` that ``loss_config.timestep_sampler`` does not
+        match (importance sampling needs one, uniform sampling takes none), a
+        conditional model's batch without ``"label"``, or no ``"data"`` axis.
     """
     cfg = loss_config
     learned = isinstance(schedule, nn.Module)
     num_timesteps = schedule.num_timesteps
+    if isinstance(ema_decay, bool) or not 0.0 <= ema_decay <= 1.0:  # also NaN
+        raise ValueError(f"ema_decay must lie in [0, 1], got {ema_decay!r}")
 
     def train_step(state: TrainState, batch: Batch, base_key: jax.Array):
-        x0, labels = batch["image"], batch["label"]
+        if (cfg.timestep_sampler == "importance") != (state.loss_history is not None):
+            raise ValueError(
+                f"loss_config.timestep_sampler={cfg.timestep_sampler!r} but the state "
+                f"{'has no' if state.loss_history is None else 'has a'} loss_history: importance "
+                "sampling needs one (create_train_state(..., loss_history=dj.init_loss_history(T))) "
+                "and uniform sampling takes none")
+        if cfg.num_classes is not None and "label" not in batch:
+            raise ValueError(f"a class-conditional model (num_classes={cfg.num_classes}) needs batch['label']")
+        try:
+            lax.axis_index(DATA_AXIS)
+        except NameError:
+            raise ValueError(f"the training step needs a mesh axis named {DATA_AXIS!r} (parallel.DATA_AXIS): "
+                             "map it with parallel.data_parallel, or shard_map over such an axis") from None
+        x0, labels = batch["image"], batch.get("label")
         local_batch = x0.shape[0]
 
         # 1. Keys: per step, then per example of the global batch.
@@ -217,8 +242,8 @@ def make_train_step(
         # 5. Metrics: scalars, equal on every device.
         metrics = {
             "loss": loss,
-            "mse": _global_mean(losses.mse),
-            "vlb": _global_mean(losses.vlb),
+            **({} if cfg.loss == "vlb" else {"mse": _global_mean(losses.mse)}),
+            **({} if cfg.loss == "simple" else {"vlb": _global_mean(losses.vlb)}),
             **_loss_by_quarter(t, losses.loss, num_timesteps),
             "grad_norm": grad_norm,
             # The optimizer's step count is the number of applied updates.
