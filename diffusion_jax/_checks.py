@@ -55,7 +55,11 @@ def check_timesteps(t, batch_size: int, num_timesteps: int) -> None:
 
 
 def check_model_output(model_output, x_t, variance: str) -> None:
-    """The model output has x_t's shape, or 2C channels with learned variance."""
+    """The model output is an array of x_t's shape, or 2C channels with learned variance."""
+    if not hasattr(model_output, "shape") or not hasattr(model_output, "dtype"):
+        hint = (" (a Flax apply(..., mutable=...) returns (output, state): return the output alone)"
+                if isinstance(model_output, tuple) else "")
+        raise TypeError(f"model_fn must return an array, got {type(model_output).__name__}{hint}")
     expected = tuple(x_t.shape)
     if variance == "learned_range":
         expected = expected[:-1] + (2 * x_t.shape[-1],)

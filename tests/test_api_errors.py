@@ -363,6 +363,19 @@ def test_training_losses_rejects(schedule, kwargs, model, noise, t, error, match
         dj.training_losses(model, schedule, X, t, noise, **kwargs)
 
 
+@pytest.mark.parametrize("call", ["loss", "nll", "sample"])
+def test_a_model_fn_returning_a_tuple_is_named(schedule, call):
+    """A Flax apply with mutable=[...] returns (output, state)."""
+    model = lambda x, t: (jnp.zeros_like(x), {"batch_stats": {}})  # noqa: E731
+    with pytest.raises(TypeError, match=r"model_fn must return an array, got tuple \(a Flax apply"):
+        if call == "loss":
+            dj.training_losses(model, schedule, X, TS, X)
+        elif call == "nll":
+            dj.nll_bpd(model, schedule, jnp.round((X + 1.0) * 127.5) / 127.5 - 1.0, jax.random.PRNGKey(0))
+        else:
+            dj.sample(model, schedule, X.shape, jax.random.PRNGKey(0), num_steps=2)
+
+
 def test_training_losses_rejects_unbatched_x0(schedule):
     with pytest.raises(ValueError, match=r"x0 must have shape \[B, \.\.\.\] with rank >= 2, got shape \(4,\)"):
         dj.training_losses(zeros_model, schedule, jnp.zeros((4,)), jnp.array([0]), jnp.zeros((4,)))
