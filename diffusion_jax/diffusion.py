@@ -99,7 +99,7 @@ def x0_from_eps(schedule: DiffusionSchedule, x_t: jax.Array, t: jax.Array, eps: 
 
 
 def eps_from_x0(schedule: DiffusionSchedule, x_t: jax.Array, t: jax.Array, x0: jax.Array) -> jax.Array:
-    """eps = (x_t - sqrt(alphabar_t) x_0) / sqrt(1 - alphabar_t)."""
+    """eps = (x_t - sqrt(alphabar_t) x_0) / sqrt(1 - alphabar_t) (Ho et al. eq. 4 solved for eps)."""
     a, s = _coefs(schedule, x_t, t, "x_t", x0=x0)
     return (x_t - a * x0) / s
 
@@ -145,7 +145,11 @@ def eps_from_prediction(schedule: DiffusionSchedule, prediction: str, x_t, t, pr
 
 
 def prediction_target(schedule: DiffusionSchedule, prediction: str, x0, noise, t) -> jax.Array:
-    """What a model of the given prediction type is trained to output: eps, x_0 or v."""
+    """What a model of the given prediction type is trained to output, shaped like ``x0``.
+
+    ``"eps"``: the noise (Ho et al. eq. 14); ``"x0"``: the data; ``"v"``:
+    sqrt(alphabar_t) eps - sqrt(1 - alphabar_t) x_0 (Salimans & Ho 2022 sec. 4).
+    """
     _checks.check_choice("prediction", prediction, _checks.PREDICTIONS)
     _checks.check_same_shape(x0=x0, noise=noise)
     if prediction == "eps":

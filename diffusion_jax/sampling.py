@@ -181,7 +181,9 @@ def sample(
       num_steps: respace to this many steps, or None.
       spacing: ``"time"``, ``"log_snr"`` or None for the sampler's default;
         only with ``num_steps``.
-      eta: DDIM's stochasticity, in [0, 1]; only ``"ddim"`` takes a nonzero one.
+      eta: DDIM's stochasticity, in [0, 1]; only ``"ddim"`` takes a nonzero
+        one (or a traced one, whose range cannot be checked: outside [0, 1]
+        the samples are NaN).
       prediction: the model's prediction type, ``"eps"``, ``"x0"`` or ``"v"``.
       variance: ``"fixed_small"``, ``"fixed_large"`` or ``"learned_range"`` (the
         last means the model outputs 2C channels; DDIM and DPM-Solver++ use
@@ -208,6 +210,8 @@ def sample(
             raise ValueError(f"eta must lie in [0, 1], got {eta}")
         if sampler != "ddim" and float(eta) != 0.0:
             raise ValueError(f"eta={eta} applies to sampler='ddim' only; {sampler!r} has no eta")
+    elif sampler != "ddim":  # it would be ignored, whatever its value
+        raise ValueError(f"a traced eta applies to sampler='ddim' only; {sampler!r} has no eta (pass eta=0.0)")
     dtype = jnp.float32
     if x_T is not None:
         _checks.check_batch("x_T", x_T)

@@ -1,5 +1,7 @@
 """Every public function rejects bad input with a clear error that names what is wrong."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -575,3 +577,14 @@ def test_step_numbers_come_back_as_python_ints(step):
 
     got = as_step(step)
     assert got == int(step) and type(got) is int
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "dpm_solver++"])
+def test_a_traced_eta_is_refused_where_it_would_be_ignored(schedule, sampler):
+    with pytest.raises(ValueError, match=rf"a traced eta applies to sampler='ddim' only; '{re.escape(sampler)}'"):
+        jax.jit(lambda eta: dj.sample(zeros_model, schedule, X.shape, jax.random.PRNGKey(0), sampler=sampler,
+                                      num_steps=2, eta=eta))(0.5)
+    traced = jax.jit(lambda eta: dj.sample(zeros_model, schedule, X.shape, jax.random.PRNGKey(0), sampler="ddim",
+                                           num_steps=2, eta=eta))(0.5)
+    eager = dj.sample(zeros_model, schedule, X.shape, jax.random.PRNGKey(0), sampler="ddim", num_steps=2, eta=0.5)
+    np.testing.assert_allclose(np.asarray(traced), np.asarray(eager), rtol=1e-5, atol=1e-6)
