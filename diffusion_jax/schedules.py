@@ -15,6 +15,7 @@ Models are always called with ``timesteps[t]``.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -306,8 +307,13 @@ def make_schedule(name: str, num_timesteps: int, **kwargs: Any) -> DiffusionSche
     """
     if name not in _NAMED:
         raise ValueError(f"unknown schedule {name!r}; expected one of {SCHEDULE_NAMES}")
-    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 1:
+    try:  # Python and NumPy ints, and concrete 0-d JAX integer arrays
+        steps = None if isinstance(num_timesteps, bool) else operator.index(num_timesteps)
+    except TypeError:
+        steps = None
+    if steps is None or steps < 1:
         raise ValueError(f"num_timesteps must be an integer >= 1, got {num_timesteps!r}")
+    num_timesteps = steps
     make_values, build = _NAMED[name]
     try:
         values = make_values(int(num_timesteps), **kwargs)

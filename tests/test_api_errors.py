@@ -588,3 +588,11 @@ def test_a_traced_eta_is_refused_where_it_would_be_ignored(schedule, sampler):
                                            num_steps=2, eta=eta))(0.5)
     eager = dj.sample(zeros_model, schedule, X.shape, jax.random.PRNGKey(0), sampler="ddim", num_steps=2, eta=0.5)
     np.testing.assert_allclose(np.asarray(traced), np.asarray(eager), rtol=1e-5, atol=1e-6)
+
+
+def test_make_schedule_takes_numpy_and_jax_integer_counts():
+    reference = dj.make_schedule("cosine", 10)
+    for count in (np.int64(10), jnp.int32(10)):
+        schedule = dj.make_schedule("cosine", count)
+        assert schedule.num_timesteps == 10
+        np.testing.assert_array_equal(np.asarray(schedule.betas), np.asarray(reference.betas))
