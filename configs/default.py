@@ -123,8 +123,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.diffusion.schedule_kwargs = ml_collections.ConfigDict()
     # Learn the noise schedule (dj.LearnedSchedule, Kingma et al. 2021) jointly
     # with the model, instead of `schedule`. Needs loss="vlb" and
-    # optim.weight_decay=0. The schedule has no moving average: evaluation and
-    # sampling pair the EMA model with the schedule's latest parameters.
+    # optim.weight_decay=0. Its parameters are averaged like the model's
+    # (ema_decay); evaluation and sampling use both averages.
     config.diffusion.learned_schedule = False
     # What the model predicts: "eps", "x0" or "v".
     config.diffusion.prediction = "eps"

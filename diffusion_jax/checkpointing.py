@@ -51,13 +51,14 @@ the checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
@@ -288,6 +289,7 @@ class Checkpointer:
         *,
         data_iterator: Any = None,
         step: int | None = None,
+        optional_fields: Sequence[str] = (),
     ) -> Any:
         """Restores a step into the structure of ``state_template``.
 
@@ -312,6 +314,10 @@ class Checkpointer:
           step: restore exactly this step instead of the newest; if it is
             damaged it is reported and moved aside as above, and no other step is
             tried.
+          optional_fields: for a dataclass template (a TrainState), fields that
+            a checkpoint written before they existed may lack; such a field,
+            and any field whose template value is None, is restored as None
+            when the checkpoint does not have it (logged).
 
         Returns:
           The restored state: same pytree structure as ``state_template``, values
@@ -357,8 +363,10 @@ class Checkpointer:
             manifest = json.loads((step_dir / CHECKSUMS_FILENAME).read_text())
             if data_iterator is not None and not any(name.startswith(_DATA + "/") for name in manifest["files"]):
                 raise ValueError(f"A data iterator was given, but checkpoint {step_dir} holds no data iterator state.")
-            _check_template_matches(target, self._manager.item_metadata(candidate)[_STATE], step_dir)
-            items = {_STATE: ocp.args.StandardRestore(target)}
+            saved_tree = self._manager.item_metadata(candidate)[_STATE]
+            target_here, absent = _without_absent_fields(target, saved_tree, optional_fields, step_dir)
+            _check_template_matches(target_here, saved_tree, step_dir)
+            items = {_STATE: ocp.args.StandardRestore(target_here)}
             global_position = None
             if data_iterator is not None:
                 global_position = _global_position_from_other_process_count(step_dir, data_iterator)
@@ -374,6 +382,8 @@ class Checkpointer:
                     self._directory,
                     len(skipped),
                 )
+            if absent:
+                return dataclasses.replace(target, **restored[_STATE], **{name: None for name in absent})
             return restored[_STATE]
         raise CheckpointNotFoundError(f"No intact checkpoint in {self._directory}; damaged: {skipped}.")
 
@@ -629,6 +639,23 @@ def _abstract_target(template: Any) -> Any:
     if not leaves:
         raise ValueError("state_template has no leaves.")
     return jax.tree.map(leaf, template)
+
+
+def _without_absent_fields(target: Any, saved_tree: Any, optional_fields: Sequence[str],
+                           step_dir) -> tuple[Any, list[str]]:
+    """``(target to restore, [fields to set to None])`` for a dataclass target whose
+    None-valued or optional fields the checkpoint lacks (it predates them)."""
+    tree = getattr(saved_tree, "tree", saved_tree)
+    if not (dataclasses.is_dataclass(target) and isinstance(tree, dict)):
+        return target, []
+    fields = [f.name for f in dataclasses.fields(target)]
+    absent = [name for name in fields if name not in tree
+              and (getattr(target, name) is None or name in optional_fields)]
+    if not absent:
+        return target, []
+    logger.warning("Checkpoint %s has no %s (written before they existed): restored as None.",
+                   step_dir, ", ".join(absent))
+    return {name: getattr(target, name) for name in fields if name not in absent}, absent
 
 
 def _leaf_name(path) -> str:

@@ -39,8 +39,8 @@ class LearnedSchedule(nn.Module):
     """Monotone learned log-SNR lambda(t), t in (0, 1], after Kingma et al. 2021 sec. 4 and App. H.
 
     gamma(t) = l1(t) + l3(phi(l2(t))) / width with monotone dense layers l1,
-    l2, l3 and phi = 2 (sigmoid - 1/2) is non-decreasing; l1's weight is
-    floored at a small positive value so it is strictly increasing. It is
+    l2, l3 and phi = 2 (sigmoid - 1/2) is non-decreasing; a term 1e-3 t
+    added to l1(t) keeps it strictly increasing if l1's weight reaches 0. It is
     normalised to [0, 1] over t in [0, 1] and mapped onto
     lambda(t) = lambda_max - (lambda_max - lambda_min) * gamma_norm(t),
     with lambda_max and the range lambda_max - lambda_min = softplus(.) > 0

@@ -547,3 +547,35 @@ class _GlobalPosition:
 
     def set_state(self, state):
         self.state = state
+
+
+@flax.struct.dataclass
+class _StateWithLaterFields:
+    """_TrainState with two fields added after its checkpoints were written."""
+    step: jax.Array
+    params: dict
+    ema_params: dict
+    opt_state: optax.OptState
+    rng: jax.Array
+    key: jax.Array
+    unused: object = None
+    average: object = None
+
+
+def test_fields_added_after_a_checkpoint_was_written_restore_as_none(tmp_path, caplog):
+    saved = _make_state(3)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(5, saved, force=True)
+    newer = _StateWithLaterFields(**{f: getattr(saved, f) for f in ("step", "params", "ema_params", "opt_state",
+                                                                      "rng", "key")})
+    with Checkpointer(tmp_path, read_only=True) as ckpt:
+        # A None field of the template is restored as None; so is a field named optional.
+        restored = ckpt.restore(newer.replace(average=newer.params), optional_fields=("average",))
+        assert isinstance(restored, _StateWithLaterFields)
+        assert restored.unused is None and restored.average is None
+        _assert_bitwise_equal(restored.params, saved.params)
+        _assert_bitwise_equal(restored.opt_state, saved.opt_state)
+        assert "has no unused, average (written before they existed)" in caplog.text
+        # A field the template expects (not None, not optional) is still a mismatch, named.
+        with pytest.raises(ValueError, match=r"average\.conv\.kernel: not in the checkpoint"):
+            ckpt.restore(newer.replace(average=newer.params))

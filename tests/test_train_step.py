@@ -3,6 +3,7 @@
 Runs on the 8 simulated CPU devices of conftest.py. The model is a tiny UNet
 on 4x4 images so each compile takes seconds.
 """
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -296,3 +297,31 @@ def test_an_unconditional_batch_needs_no_label_and_the_step_names_its_axis():
     model, tx, step_fn = _toy_step(num_classes=3)
     with pytest.raises(ValueError, match=r"num_classes=3\) needs batch\['label'\]"):
         _mapped(step_fn, mesh)(_toy_state(model, tx), parallel.shard_batch(batch, mesh), jax.random.PRNGKey(0))
+
+
+def test_a_learned_schedule_is_averaged_like_the_model():
+    """ema' = d ema + (1 - d) new, for the schedule's parameters too (VDM averages its whole
+    model); evaluation and sampling read the two averages together (TrainState.eval_params)."""
+    model = UNet(UNetConfig(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0))
+    schedule = dj.LearnedSchedule(T, hidden_features=8)
+    tx, lr = make_optimizer(OptimConfig(learning_rate=1e-2, warmup_steps=0))
+    step_fn = make_train_step(model, schedule, tx, lr, ema_decay=EMA_DECAY, loss_config=LossConfig(loss="vlb"))
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 1)), jnp.zeros((1,), jnp.int32),
+                        None, train=False)["params"]
+    state = create_train_state(params, tx, schedule_params=schedule.init(jax.random.PRNGKey(1))["params"])
+    chex.assert_trees_all_equal(state.ema_schedule_params, state.schedule_params)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    mapped = _mapped(step_fn, mesh)
+    batch = parallel.shard_batch({"image": _batch()["image"]}, mesh)
+    for _ in range(2):
+        old = state
+        state, _ = mapped(state, batch, jax.random.PRNGKey(0))
+        assert not np.allclose(np.asarray(old.schedule_params["log_snr_max"]),
+                               np.asarray(state.schedule_params["log_snr_max"]))  # it trains
+        jax.tree.map(lambda e, o, n: np.testing.assert_allclose(e, EMA_DECAY * o + (1 - EMA_DECAY) * n,
+                                                                rtol=1e-6, atol=1e-7),
+                     state.ema_schedule_params, old.ema_schedule_params, state.schedule_params)
+    ema_params, ema_schedule = state.eval_params
+    assert ema_params is state.ema_params and ema_schedule is state.ema_schedule_params
+    # A state built without the average (by hand) evaluates with the latest schedule.
+    assert state.replace(ema_schedule_params=None).eval_params[1] is state.schedule_params

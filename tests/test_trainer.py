@@ -425,7 +425,7 @@ def test_one_cifar10_training_step_on_mock_data(tmp_path):
     assert not os.path.exists(os.path.join(workdir, "samples"))
 
 
-def test_a_learned_schedule_trains_evaluates_and_samples_with_dpm_solver(tmp_path):
+def test_a_learned_schedule_trains_evaluates_and_samples_with_dpm_solver(tmp_path, monkeypatch, caplog):
     """A learned schedule is traced inside the sampling program: DPM-Solver++'s default log-SNR
     spacing cannot choose rows there, so the trainer keeps "time" rows for it (sampling failed)."""
     config = _tiny_digits_config(num_train_steps=4)
@@ -447,6 +447,19 @@ def test_a_learned_schedule_trains_evaluates_and_samples_with_dpm_solver(tmp_pat
     assert nll["step"] == 4 and 0 < nll["nll_bpd"] < 50  # 4 steps: a bound, not yet a good one
     images = trainer.sample(config, workdir, num_images=3, num_steps=3)
     assert images.shape == (3, 8, 8, 1) and np.all(np.isfinite(images))
+    # The schedule is averaged like the model (ema_decay 0.9 here: the average lags).
+    assert not np.allclose(np.asarray(state.ema_schedule_params["log_snr_max"]),
+                           np.asarray(state.schedule_params["log_snr_max"]))
+
+    # A checkpoint written before the schedule had an average resumes, the average starting
+    # from the schedule restored.
+    restore = checkpointing.Checkpointer.restore
+    monkeypatch.setattr(checkpointing.Checkpointer, "restore",
+                        lambda self, *a, **k: restore(self, *a, **k).replace(ema_schedule_params=None))
+    config.num_train_steps, config.eval.nll_at_end, config.sample.num_images = 5, False, 0
+    resumed = trainer.train_and_evaluate(config, workdir)
+    assert "predates the learned schedule's moving average" in caplog.text
+    assert int(resumed.step) == 5 and resumed.ema_schedule_params is not None
 
 
 def test_a_conditional_model_trained_without_dropped_labels_is_scored_with_its_labels(tmp_path):

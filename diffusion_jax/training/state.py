@@ -37,6 +37,10 @@ class TrainState:
       nonfinite_count: int32 scalar, updates skipped in all because the loss or
         the gradient norm was NaN or Inf.
       consecutive_nonfinite: int32 scalar, updates skipped since the last good one.
+      ema_schedule_params: exponential moving average of ``schedule_params``
+        (None without a learned schedule): evaluation and sampling pair the
+        EMA model with the EMA schedule, one consistent model (as VDM averages
+        its whole model, the schedule included; Kingma et al. 2021).
     """
 
     step: jax.Array
@@ -47,11 +51,19 @@ class TrainState:
     loss_history: Any = None
     nonfinite_count: jax.Array = dataclasses.field(default_factory=lambda: jnp.zeros((), jnp.int32))
     consecutive_nonfinite: jax.Array = dataclasses.field(default_factory=lambda: jnp.zeros((), jnp.int32))
+    ema_schedule_params: Any = None
 
     @property
     def trainable(self) -> tuple[Any, Any]:
         """What the optimizer updates: ``(params, schedule_params)``."""
         return (self.params, self.schedule_params)
+
+    @property
+    def eval_params(self) -> tuple[Any, Any]:
+        """What evaluation and sampling use: ``(ema_params, EMA schedule params)``; the latest
+        schedule parameters where the state has no average of them (one built by hand)."""
+        schedule = self.schedule_params if self.ema_schedule_params is None else self.ema_schedule_params
+        return (self.ema_params, schedule)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +152,7 @@ def create_train_state(
     schedule_params: Any = None,
     loss_history: Any = None,
 ) -> TrainState:
-    """A fresh state at step 0; the EMA starts at the initial parameters."""
+    """A fresh state at step 0; the EMAs start at the initial parameters."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -150,6 +162,7 @@ def create_train_state(
         loss_history=loss_history,
         nonfinite_count=jnp.zeros((), jnp.int32),
         consecutive_nonfinite=jnp.zeros((), jnp.int32),
+        ema_schedule_params=None if schedule_params is None else jax.tree.map(jnp.copy, schedule_params),
     )
 
 

@@ -219,6 +219,9 @@ def make_train_step(
         finite = finite & jnp.isfinite(optax.tree.norm(updates))
         params, schedule_params = optax.apply_updates(state.trainable, updates)
         ema_params = ema_update(state.ema_params, params, ema_decay)
+        ema_schedule_params = state.ema_schedule_params
+        if ema_schedule_params is not None:
+            ema_schedule_params = ema_update(ema_schedule_params, schedule_params, ema_decay)
         loss_history = state.loss_history
         if loss_history is not None:
             loss_history = dj.update_loss_history(
@@ -234,6 +237,7 @@ def make_train_step(
             ema_params=keep_if_finite(ema_params, state.ema_params),
             opt_state=keep_if_finite(opt_state, state.opt_state),
             schedule_params=keep_if_finite(schedule_params, state.schedule_params),
+            ema_schedule_params=keep_if_finite(ema_schedule_params, state.ema_schedule_params),
             loss_history=keep_if_finite(loss_history, state.loss_history),
             nonfinite_count=state.nonfinite_count + skipped,
             consecutive_nonfinite=(state.consecutive_nonfinite + 1) * skipped,

@@ -575,7 +575,7 @@ class _Job:
         for i, batch in enumerate(iterator):
             mask = parallel.to_host(parallel.shard_batch(batch["mask"], self.mesh))
             batch = parallel.shard_batch({"image": batch["image"], "label": batch["label"]}, self.mesh)
-            bpd = parallel.to_host(nll_fn(state.ema_params, state.schedule_params, batch,
+            bpd = parallel.to_host(nll_fn(*state.eval_params, batch,
                                           jax.random.fold_in(key, i)))
             total += float(np.sum(bpd * mask))
             count += float(np.sum(mask))
@@ -710,6 +710,10 @@ def _no_checkpoint_message(workdir: str) -> str:
             "(--mode=train) or pass the workdir of a trained run.")
 
 
+# TrainState fields a checkpoint written before they existed lacks (restored as None).
+_FIELDS_ADDED_LATER = ("ema_schedule_params",)
+
+
 def _restore_for_inference(job: _Job, workdir: str) -> TrainState:
     ckpt = job.checkpointer(workdir, read_only=True)
     try:
@@ -717,7 +721,7 @@ def _restore_for_inference(job: _Job, workdir: str) -> TrainState:
             raise FileNotFoundError(_no_checkpoint_message(workdir))
         newest = ckpt.latest_step()
         _check_inference_config(job.config, ckpt.saved_config(newest), newest, ckpt.directory)
-        state = ckpt.restore(job.abstract_state())
+        state = ckpt.restore(job.abstract_state(), optional_fields=_FIELDS_ADDED_LATER)
         restored = int(state.step)
         if restored != newest:  # the newest step was damaged and skipped: check against the one restored
             _check_inference_config(job.config, ckpt.saved_config(restored), restored, ckpt.directory)
@@ -763,7 +767,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     ckpt = job.checkpointer(workdir)  # every checkpoint also stores the config it was saved with
     if ckpt.latest_step() is not None:
         try:
-            state = ckpt.restore(job.abstract_state(), data_iterator=train_iter)
+            state = ckpt.restore(job.abstract_state(), data_iterator=train_iter,
+                                 optional_fields=_FIELDS_ADDED_LATER)
+            if state.schedule_params is not None and state.ema_schedule_params is None:
+                logger.warning("The checkpoint predates the learned schedule's moving average: it starts "
+                               "from the schedule's parameters at step %d.", int(state.step))
+                state = state.replace(ema_schedule_params=jax.tree.map(jnp.copy, state.schedule_params))
         except ValueError as e:
             saved_config = ckpt.saved_config()
             changes = _config_changes(saved_config, config) if saved_config is not None else []
@@ -816,7 +825,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     def write_samples(step: int) -> None:
         if not config.sample.num_images:
             return
-        images = parallel.to_host(sample_fn(state.ema_params, state.schedule_params,
+        images = parallel.to_host(sample_fn(*state.eval_params,
                                             jax.random.fold_in(job.sample_key, step)))
         path = _save_samples(workdir, f"step_{step:08d}", images[:config.sample.num_images], writer, step)
         if path:
@@ -984,7 +993,7 @@ def sample(
     step = int(state.step)
     s = config.sample
     program = job.sample_program(s.num_images, sampler=s.sampler, num_steps=s.num_steps)
-    images = parallel.to_host(program(state.ema_params, state.schedule_params,
+    images = parallel.to_host(program(*state.eval_params,
                                       jax.random.fold_in(job.sample_key, step)))[:s.num_images]
     steps = s.num_steps or config.diffusion.num_timesteps
     with metric_writers.MetricWriter(os.path.join(workdir, TENSORBOARD_SUBDIR)) as writer:
