@@ -843,3 +843,18 @@ def test_unet_value_and_gradient_unchanged_by_flattening_the_projections(monkeyp
     for path, g in jax.tree_util.tree_leaves_with_path(reference[1]):
         assert np.abs(np.asarray(g)).max() > 0, path
     chex.assert_trees_all_close(ours[1], reference[1], rtol=1e-4, atol=1e-6)
+
+
+def test_a_traced_label_out_of_range_gives_nan_not_another_class():
+    """Under jit the labels cannot be checked: -1 used to wrap to the null class silently."""
+    config = UNetConfig(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0, num_classes=3)
+    model = UNet(config)
+    x = jax.random.normal(jax.random.key(0), (5, 8, 8, 3))
+    t = jnp.arange(5, dtype=jnp.int32)
+    params = _random_params(config, with_labels=True)
+    apply = jax.jit(lambda y: model.apply({"params": params}, x, t, y, train=False))
+    out = np.asarray(apply(jnp.array([0, 3, -1, 4, 2], jnp.int32)))
+    valid = np.asarray(apply(jnp.array([0, 3, 3, 3, 2], jnp.int32)))
+    for i in (0, 1, 4):
+        np.testing.assert_allclose(out[i], valid[i], rtol=1e-5, atol=1e-6)
+    assert np.isnan(out[2]).all() and np.isnan(out[3]).all()

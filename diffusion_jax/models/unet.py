@@ -865,6 +865,8 @@ class UNet(nn.Module):
           t: ``[B]`` int timestep indices (0-based, as in the diffusion schedule).
           y: ``[B]`` int class labels in ``[0, num_classes]`` (``num_classes`` is the
             null class); required exactly when ``config.num_classes`` is set.
+            Checked where concrete; under ``jit`` a label out of range gives
+            that example a NaN output.
           train: enables dropout.
 
         Returns:
@@ -890,6 +892,10 @@ class UNet(nn.Module):
         emb = _dense(4 * cfg.ch, dtype, "temb_dense0")(emb)
         emb = _dense(4 * cfg.ch, dtype, "temb_dense1")(nn.swish(emb))
         if cfg.num_classes is not None:
+            # Traced labels are not range-checked (_check_inputs): one outside [0, num_classes],
+            # negative ones included (which indexing would wrap to the null class), looks up
+            # out of bounds, which JAX fills with NaN, so it shows in the output.
+            y = jnp.where((y >= 0) & (y <= cfg.num_classes), y, cfg.num_classes + 1)
             emb = emb + nn.Embed(cfg.num_classes + 1, 4 * cfg.ch, dtype=dtype, name="class_embed")(y)
 
         # Down: keep every activation for the skip connections.
