@@ -198,7 +198,9 @@ def schedule_from_log_snr(log_snr, *, timesteps=None) -> DiffusionSchedule:
     if lam.ndim != 1 or lam.shape[0] < 1:
         raise ValueError(f"log_snr must be a non-empty [T] vector, got shape {lam.shape}")
     if concrete and not np.all(np.isfinite(lam)):
-        raise ValueError(f"log_snr must be finite (lambda = +inf is alphabar = 1, no noise), got {lam.tolist()}")
+        bad = int(np.flatnonzero(~np.isfinite(lam))[0])
+        raise ValueError(f"log_snr must be finite (lambda = +inf is alphabar = 1, no noise), got {lam[bad]} "
+                         f"at t = {bad}")
     if concrete and lam.shape[0] > 1 and not np.all(np.diff(lam) < 0):
         raise ValueError("log_snr must be strictly decreasing in t")
     log_sigmoid = lambda x: -xp.logaddexp(0.0, -x)  # noqa: E731

@@ -321,6 +321,7 @@ def test_guidance_needs_a_trained_null_class():
 @pytest.mark.parametrize("spacing, learned, num_steps, match", [
     ("linear", False, 10, r"config\.sample\.spacing.*'linear'"),
     ("log_snr", True, 10, r"config\.sample\.spacing: 'log_snr' needs a fixed schedule"),
+    ("time", False, None, r"config\.sample\.spacing: 'time' chooses the rows sample\.num_steps keeps"),
 ])
 def test_bad_sample_spacing(spacing, learned, num_steps, match):
     def mutate(c):
@@ -331,7 +332,7 @@ def test_bad_sample_spacing(spacing, learned, num_steps, match):
 
 
 @pytest.mark.parametrize("spacing, learned, num_steps", [
-    ("log_snr", False, 10), ("time", True, 10), ("log_snr", True, None), (None, True, 10)])
+    ("log_snr", False, 10), ("time", True, 10), ("log_snr", True, 1000), (None, True, 10)])
 def test_good_sample_spacing(spacing, learned, num_steps):
     config = _load("cifar10")
     config.sample.spacing, config.sample.num_steps = spacing, num_steps
@@ -354,3 +355,10 @@ def test_attention_and_kernel_gradient_choices_are_config_fields():
     config.compute_dtype, config.model.attention_impl, config.model.conv_weight_grad = "bfloat16", "cudnn", "taps"
     trainer.validate_config(config, device_count=1)
     assert trainer._unet_config(config, 3).attention_impl == "cudnn"
+
+
+def test_cosine_decay_names_the_run_length_fields():
+    def mutate(c):
+        c.optim.decay, c.num_train_steps, c.optim.warmup_steps = "cosine", 3000, 5000
+    _bad(mutate, r"config\.optim\.decay: 'cosine' decays to 0 at num_train_steps, which must exceed "
+         r"optim\.warmup_steps \(got num_train_steps=3000, warmup_steps=5000\)")

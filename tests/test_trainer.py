@@ -493,3 +493,18 @@ def test_a_conditional_model_trained_without_dropped_labels_is_scored_with_its_l
 
     np.testing.assert_allclose(got, expected(batch["label"].astype(np.int32)), rtol=1e-4)
     assert not np.allclose(got, expected(np.full((16,), 10, np.int32)), rtol=1e-4)
+
+
+def test_speed_only_model_fields_are_free_and_may_be_absent_from_an_older_checkpoint(caplog):
+    """A checkpoint's config from before model.attention_impl/conv_weight_grad existed, or with
+    other values of them (cuDNN attention on the GPU that trained it), samples and resumes."""
+    config = _tiny_digits_config(num_train_steps=4)
+    saved = json.loads(json.dumps(config.to_dict()))  # as stored beside a checkpoint
+    del saved["model"]["attention_impl"], saved["model"]["conv_weight_grad"]
+    config.model.conv_weight_grad = "xla"
+    trainer._check_inference_config(config, saved, 4, "checkpoints")  # no error
+    trainer._warn_about_resumed_changes(config, saved, 4)
+    assert "differs" not in caplog.text
+    config.model.ch = 64  # a field that defines the model still does
+    with pytest.raises(ValueError, match=r"fields that define the model: model\.ch 32 -> 64"):
+        trainer._check_inference_config(config, saved, 4, "checkpoints")

@@ -297,6 +297,11 @@ def validate_config(
 
     # Optimizer.
     _check_choice(config, "optim.decay", DECAYS)
+    lengths = (config.num_train_steps, config.optim.warmup_steps)
+    if (config.optim.decay == "cosine" and all(isinstance(n, int) and not isinstance(n, bool) for n in lengths)
+            and not lengths[0] > lengths[1]):
+        _fail("optim.decay", f"'cosine' decays to 0 at num_train_steps, which must exceed optim.warmup_steps "
+              f"(got num_train_steps={config.num_train_steps}, warmup_steps={config.optim.warmup_steps})")
     _reraise_as_field("optim", lambda: _optim_config(config))
 
     # Sampling.
@@ -307,6 +312,9 @@ def validate_config(
             _fail("sample.num_steps", f"{steps} exceeds diffusion.num_timesteps={num_timesteps}")
     if config.sample.spacing is not None:
         _check_choice(config, "sample.spacing", dj.SPACINGS)
+        if config.sample.num_steps is None:
+            _fail("sample.spacing", f"{config.sample.spacing!r} chooses the rows sample.num_steps keeps; "
+                  "set sample.num_steps too (or spacing None)")
         if (config.sample.spacing == "log_snr" and config.diffusion.learned_schedule
                 and config.sample.num_steps not in (None, num_timesteps)):
             _fail("sample.spacing", "'log_snr' needs a fixed schedule: a learned schedule's rows cannot be "
@@ -341,14 +349,17 @@ def validate_config(
 # Fields a run may change when it resumes without changing what it trains: how
 # long (unless the learning rate decays to the end), how often it logs, saves and
 # evaluates, how it samples, where the data lives, how it is run.
+# The model's two speed-only choices (the same values either way) are free too, also at
+# inference: a run trained with cuDNN attention on a GPU samples on a CPU.
+_SPEED_ONLY_MODEL_FIELDS = ("model.attention_impl", "model.conv_weight_grad")
 _OPERATIONAL_FIELDS = ("num_train_steps", "log_every_steps", "checkpoint_every_steps", "eval_every_steps",
                        "max_consecutive_nonfinite", "steps_per_dispatch", "distributed", "data.data_dir",
-                       "data.worker_count")
+                       "data.worker_count") + _SPEED_ONLY_MODEL_FIELDS
 _OPERATIONAL_SECTIONS = ("eval.", "sample.", "checkpoint.")
 # Fields that define what a checkpoint's parameters mean: evaluating or sampling
 # under other values gives wrong numbers (dropout is off there anyway).
 _MODEL_SECTIONS = ("diffusion.", "model.")
-_MODEL_FIELDS_FREE_AT_INFERENCE = ("model.dropout",)
+_MODEL_FIELDS_FREE_AT_INFERENCE = ("model.dropout",) + _SPEED_ONLY_MODEL_FIELDS
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
