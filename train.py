@@ -91,6 +91,15 @@ def _wants_jemalloc(argv) -> bool:
     return wants
 
 
+def _expanded(argv: list[str]) -> list[str]:
+    """``argv`` with its ``--flagfile``s expanded (as absl will); as given where one cannot be
+    read (the parse then reports it)."""
+    try:
+        return flags.FLAGS.read_flags_from_files(argv, force_gnu=False)
+    except Exception:  # noqa: BLE001  (absl's own error comes at the parse)
+        return argv
+
+
 def _usage_error(message: str) -> None:
     """Exits as absl does on a bad flag: one line, no traceback."""
     sys.stderr.write(f"FATAL Flags parsing error: {message}\n"
@@ -135,7 +144,8 @@ def main(argv):
     requested = _CPU_DEVICES.value or _default_cpu_devices(_CONFIG.value.batch_size)
     if not parallel.request_cpu_devices(requested) and _CPU_DEVICES.value is not None:
         logging.getLogger("diffusion_jax").warning(
-            "--cpu_devices=%d is ignored: XLA_FLAGS already sets --xla_force_host_platform_device_count",
+            "--cpu_devices=%d is ignored: XLA_FLAGS already sets --xla_force_host_platform_device_count "
+            "(or JAX_NUM_CPU_DEVICES a count)",
             _CPU_DEVICES.value)
     library = _cpu_convolutions(_CPU_CONVOLUTIONS.value, _CONFIG.value.model.ch)
     xla_cpu.request(library)
@@ -155,6 +165,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    if _wants_jemalloc(sys.argv):
+    if _wants_jemalloc(_expanded(sys.argv)):
         allocator.relaunch_under_jemalloc()  # returns only where it does not apply
     app.run(main, flags_parser=_parse_flags)

@@ -125,10 +125,12 @@ def relaunch_under_jemalloc(argv: Sequence[str] | None = None) -> None:
 
     Returns without relaunching when: not on Linux, JAX will not run on the
     CPU (:func:`jax_runs_on_cpu`), jemalloc is already ``malloc``, this
-    process is itself a relaunch, or no jemalloc library is installed. In a
-    relaunched process it first takes the jemalloc settings back out of
-    ``os.environ`` (jemalloc has read them), so child processes do not inherit
-    them. Otherwise it does not return: ``os.execve`` replaces the process
+    process is itself a relaunch, ``LD_PRELOAD`` is already set (the user
+    chose what to preload: another allocator, a malloc debugger), the program
+    came from stdin (``python -``: read already, it cannot run again), or no
+    jemalloc library is installed. In a relaunched process it first takes the
+    jemalloc settings back out of ``os.environ`` (jemalloc has read them, or
+    failed to load), so child processes do not inherit them. Otherwise it does not return: ``os.execve`` replaces the process
     (same PID, same arguments, same environment plus ``LD_PRELOAD``,
     ``MALLOC_CONF`` and :data:`RELAUNCHED_ENV_VAR`). Call it before any work
     that should not run twice.
@@ -138,15 +140,21 @@ def relaunch_under_jemalloc(argv: Sequence[str] | None = None) -> None:
         ``sys.orig_argv``, exactly what started this process).
     """
     if os.environ.get(RELAUNCHED_ENV_VAR):
-        if jemalloc_loaded():  # else: the preload failed; keep the marker so that nothing loops
-            clean = restored_environ(os.environ)
-            for name in ("LD_PRELOAD", "MALLOC_CONF", RELAUNCHED_ENV_VAR):
-                if name in clean:
-                    os.environ[name] = clean[name]
-                else:
-                    os.environ.pop(name, None)
+        # Where the preload failed the marker stays, so that nothing loops; LD_PRELOAD goes
+        # either way (each child process would report the failed preload again).
+        names = ("LD_PRELOAD", "MALLOC_CONF") + ((RELAUNCHED_ENV_VAR,) if jemalloc_loaded() else ())
+        clean = restored_environ(os.environ)
+        for name in names:
+            if name in clean:
+                os.environ[name] = clean[name]
+            else:
+                os.environ.pop(name, None)
         return
     if not sys.platform.startswith("linux") or jemalloc_loaded() or not jax_runs_on_cpu():
+        return
+    if os.environ.get("LD_PRELOAD", "").strip():
+        return
+    if argv is None and sys.argv[:1] in ([""], ["-"]):  # a program from stdin or interactive
         return
     library = find_jemalloc()
     if library is None:

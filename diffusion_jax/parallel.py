@@ -169,8 +169,10 @@ def request_cpu_devices(count: int) -> bool:
       count: devices, >= 1.
 
     Returns:
-      True if the flag was set; False if ``XLA_FLAGS`` already had it (the
-      user's choice wins).
+      True if the flag was set; False if ``XLA_FLAGS`` (or a flag file it
+      names) already had it, or JAX's ``jax_num_cpu_devices`` setting
+      (``JAX_NUM_CPU_DEVICES``), which takes precedence in JAX, is set: the
+      user's choice wins.
 
     Raises:
       ValueError: ``count`` is not an int >= 1.
@@ -178,14 +180,23 @@ def request_cpu_devices(count: int) -> bool:
     """
     if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
         raise ValueError(f"request_cpu_devices: count must be an int >= 1, got {count!r}")
-    flags = os.environ.get("XLA_FLAGS", "")
-    if _CPU_DEVICE_FLAG in flags:
+    from diffusion_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+
+    if _CPU_DEVICE_FLAG in xla_cpu.xla_flags() or _jax_num_cpu_devices_set():
         return False
     if backend_started():
         raise RuntimeError("request_cpu_devices: a JAX backend has already started; call it before "
                            "anything touches a JAX device")
-    os.environ["XLA_FLAGS"] = f"{flags} {_CPU_DEVICE_FLAG}={int(count)}".strip()
+    xla_cpu.add_xla_flag(f"{_CPU_DEVICE_FLAG}={int(count)}")
     return True
+
+
+def _jax_num_cpu_devices_set() -> bool:
+    """Whether JAX's own ``jax_num_cpu_devices`` (``JAX_NUM_CPU_DEVICES``) asks for a count."""
+    try:
+        return int(getattr(jax.config, "jax_num_cpu_devices", -1)) >= 0
+    except (TypeError, ValueError):
+        return False
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:

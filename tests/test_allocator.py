@@ -64,9 +64,17 @@ def test_relaunch_runs_the_same_command_with_jemalloc_preloaded(execve_calls):
     assert env["LD_PRELOAD"].split()[0] == "libjemalloc.so.2" and env[allocator.RELAUNCHED_ENV_VAR]
 
 
-@pytest.mark.parametrize("case", ["relaunched", "loaded", "not_installed", "not_linux", "not_cpu"])
+@pytest.mark.parametrize("case", ["relaunched", "loaded", "not_installed", "not_linux", "not_cpu",
+                                  "user_preload", "stdin", "interactive"])
 def test_relaunch_does_nothing_where_it_should_not(case, execve_calls, monkeypatch):
-    if case == "relaunched":
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    argv = ["python", "x.py"]
+    if case == "user_preload":  # another allocator, or a malloc debugger: the user's choice
+        monkeypatch.setenv("LD_PRELOAD", "libc_malloc_debug.so.0")
+    elif case in ("stdin", "interactive"):  # `python - < x.py` cannot read its program again
+        monkeypatch.setattr(allocator.sys, "argv", ["-" if case == "stdin" else ""])
+        argv = None
+    elif case == "relaunched":
         monkeypatch.setenv(allocator.RELAUNCHED_ENV_VAR, "1")
     elif case == "loaded":
         monkeypatch.setattr(allocator, "jemalloc_loaded", lambda: True)
@@ -76,8 +84,19 @@ def test_relaunch_does_nothing_where_it_should_not(case, execve_calls, monkeypat
         monkeypatch.setattr(allocator, "jax_runs_on_cpu", lambda: False)
     else:
         monkeypatch.setattr(allocator.sys, "platform", "darwin")
-    allocator.relaunch_under_jemalloc(["python", "x.py"])
+    allocator.relaunch_under_jemalloc(argv)
     assert execve_calls == []
+
+
+def test_a_failed_preload_leaves_no_ld_preload_to_the_children(monkeypatch):
+    """The marker stays (nothing relaunches again); LD_PRELOAD goes back to the user's."""
+    env = allocator.jemalloc_environ({"LD_PRELOAD": "libfoo.so"}, "libjemalloc_missing.so.2")
+    for name in ("LD_PRELOAD", "MALLOC_CONF", allocator.RELAUNCHED_ENV_VAR):
+        monkeypatch.setenv(name, env[name]) if name in env else monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(allocator, "jemalloc_loaded", lambda: False)
+    allocator.relaunch_under_jemalloc()
+    assert os.environ["LD_PRELOAD"] == "libfoo.so" and "MALLOC_CONF" not in os.environ
+    assert os.environ[allocator.RELAUNCHED_ENV_VAR]
 
 
 needs_jemalloc = pytest.mark.skipif(allocator.find_jemalloc() is None,
@@ -127,3 +146,13 @@ def test_train_py_reads_its_jemalloc_flag_before_parsing(argv, want):
     import train  # the repository root is on sys.path under pytest (rootdir)
 
     assert train._wants_jemalloc(["train.py", *argv]) is want
+
+
+def test_train_py_reads_its_jemalloc_flag_from_a_flagfile_too(tmp_path):
+    import train
+
+    flagfile = tmp_path / "run.flags"
+    flagfile.write_text("--nojemalloc\n")
+    assert train._wants_jemalloc(train._expanded(["train.py", f"--flagfile={flagfile}"])) is False
+    # A flag file that cannot be read is left for absl's parse to report.
+    assert train._expanded(["train.py", "--flagfile=/nonexistent/x"]) == ["train.py", "--flagfile=/nonexistent/x"]

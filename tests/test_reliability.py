@@ -767,6 +767,37 @@ def test_cpu_device_requests_name_what_is_wrong(monkeypatch):
     assert os.environ["XLA_FLAGS"] == other
 
 
+def test_xla_flags_naming_a_file_are_read_and_kept(tmp_path, monkeypatch):
+    """XLA reads a value not starting with "-" as a flag file; appending to it broke the name."""
+    from diffusion_jax import xla_cpu
+
+    flagfile = tmp_path / "xla.flags"
+    flagfile.write_text("--xla_cpu_enable_fast_math=false\n--xla_force_host_platform_device_count=3\n")
+    monkeypatch.setenv("XLA_FLAGS", str(flagfile))
+    assert parallel.request_cpu_devices(2) is False  # the file already says how many
+    assert os.environ["XLA_FLAGS"] == str(flagfile)
+    assert xla_cpu.convolutions_on_ynnpack() is True  # the file sets no convolution library
+    flagfile.write_text("--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce\n")
+    assert xla_cpu.convolutions_on_ynnpack() is False  # read from the file
+    flagfile.write_text("--xla_cpu_enable_fast_math=false\n")
+    xla_cpu.add_xla_flag("--xla_force_host_platform_device_count=2")  # the file's flags come inline
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=2"
+    monkeypatch.setenv("XLA_FLAGS", str(tmp_path / "missing.flags"))
+    with pytest.raises(ValueError, match=r"XLA_FLAGS names a file XLA cannot read"):
+        xla_cpu.add_xla_flag("--xla_force_host_platform_device_count=2")
+
+
+def test_a_jax_cpu_device_count_setting_wins():
+    """JAX's jax_num_cpu_devices (JAX_NUM_CPU_DEVICES) takes precedence over the XLA flag: the
+    request says it did nothing (train.py then warns that --cpu_devices is ignored)."""
+    code = ("from diffusion_jax import parallel; print(parallel.request_cpu_devices(2)); "
+            "import jax; print(jax.device_count())")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "JAX_NUM_CPU_DEVICES": "1", "JAX_PLATFORMS": "cpu"},
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.stdout.split() == ["False", "1"], out.stderr[-2000:]
+
+
 # =============================================================================
 # XLA:CPU's convolution library (train.py --cpu_convolutions)
 # =============================================================================

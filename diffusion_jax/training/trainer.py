@@ -1011,5 +1011,6 @@ def sample(
         # Their own TensorBoard tag: training's grid of the same step is under "samples".
         path = _save_samples(workdir, f"sample_step{step}_{s.sampler}{steps}", images, writer, step,
                              with_npz=True, tag=f"samples/{s.sampler.replace('+', 'p')}{steps}")
-    logger.info("Wrote %d samples to %s.", s.num_images, path)
+    if path:
+        logger.info("Wrote %d samples to %s.", s.num_images, path)
     return images
