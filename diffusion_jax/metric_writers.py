@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -217,13 +218,16 @@ def image_grid(images: Any, *, ncols: int | None = None, padding: int = 1) -> np
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"images must be [N, H, W, C] with N >= 1, got shape {images.shape}.")
-    if not np.issubdtype(images.dtype, np.floating):
+    if not jnp.issubdtype(images.dtype, jnp.floating):  # bfloat16 too, which NumPy does not call floating
         raise TypeError(f"images must be floats in [-1, 1], got {images.dtype}.")
+    images = images.astype(np.float64)
     if not np.all(np.isfinite(images)):
         raise ValueError("images contain NaN or infinite values.")
     n, height, width, channels = images.shape
     if ncols is None:
         ncols = math.ceil(math.sqrt(n))
+    if isinstance(ncols, np.integer):
+        ncols = int(ncols)
     if isinstance(ncols, bool) or not isinstance(ncols, int) or ncols < 1:
         raise ValueError(f"ncols must be a positive int, got {ncols!r}.")
     if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:

@@ -315,6 +315,9 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     def put(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             return jax.jit(lambda y: y, out_shardings=sharding)(x)
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            # A typed key (jax.random.key) has no NumPy form: its key data goes across.
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
         x = np.asarray(x)
         # A global shape equal to the local one says: every process holds the
         # whole (identical) value.

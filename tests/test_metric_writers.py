@@ -241,6 +241,15 @@ def test_image_grid_layout_default_columns_and_empty_cells():
     assert no_pad.shape == (6, 4, 3)
 
 
+def test_image_grid_takes_bfloat16_images_and_numpy_column_counts():
+    import jax.numpy as jnp
+
+    values = np.array([-1.0, -0.5, 0.0, 0.5, 1.0])  # exact in bfloat16
+    images = np.broadcast_to(values[:, None, None, None], (5, 1, 1, 1))
+    grid = image_grid(jnp.asarray(images, jnp.bfloat16), ncols=np.int64(5), padding=0)
+    np.testing.assert_array_equal(grid[0, :, 0], [0, 64, 128, 191, 255])  # round((v + 1) * 127.5), ties to even
+
+
 def test_image_grid_rejects_bad_input():
     with pytest.raises(ValueError, match=r"\[N, H, W, C\]"):
         image_grid(np.zeros((2, 2, 3)))

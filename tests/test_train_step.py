@@ -325,3 +325,16 @@ def test_a_learned_schedule_is_averaged_like_the_model():
     assert ema_params is state.ema_params and ema_schedule is state.ema_schedule_params
     # A state built without the average (by hand) evaluates with the latest schedule.
     assert state.replace(ema_schedule_params=None).eval_params[1] is state.schedule_params
+
+
+def test_replicate_takes_typed_and_raw_keys(eight_device_mesh):
+    """A typed key (jax.random.key) has no NumPy form; it is replicated through its key data."""
+    typed, raw = jax.random.key(7), jax.random.PRNGKey(7)
+    out = parallel.replicate({"typed": typed, "raw": raw}, eight_device_mesh)
+    assert jax.dtypes.issubdtype(out["typed"].dtype, jax.dtypes.prng_key)
+    assert out["typed"].sharding.is_fully_replicated and len(out["typed"].sharding.device_set) == 8
+    np.testing.assert_array_equal(np.asarray(jax.random.key_data(out["typed"])), np.asarray(jax.random.key_data(typed)))
+    np.testing.assert_array_equal(np.asarray(out["raw"]), np.asarray(raw))
+    # The same draws as the key it came from.
+    np.testing.assert_array_equal(np.asarray(jax.random.normal(out["typed"], (3,))),
+                                  np.asarray(jax.random.normal(typed, (3,))))
