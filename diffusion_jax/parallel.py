@@ -327,11 +327,17 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
 
 def to_host(tree: Any) -> Any:
-    """Fetches a pytree of global arrays as numpy arrays, whole, on every process."""
-    leaves = jax.tree.leaves(tree)
-    if all(not isinstance(x, jax.Array) or x.is_fully_addressable for x in leaves):
-        return jax.device_get(tree)
-    return multihost_utils.process_allgather(tree, tiled=True)
+    """Fetches a pytree of global arrays as numpy arrays, whole, on every process.
+
+    Leaves this process holds whole (host values, arrays on its own devices) are
+    fetched as they are: gathering them would concatenate every process's copy.
+    """
+    def fetch(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return multihost_utils.process_allgather(x, tiled=True)
+        return jax.device_get(x)
+
+    return jax.tree.map(fetch, tree)
 
 
 def sync_processes(name: str) -> None:

@@ -637,6 +637,40 @@ def test_two_processes_of_two_devices_train_like_one_process_of_four(data_dir, e
             np.testing.assert_allclose(leaves[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+_HOST_VALUES_SCRIPT = """
+import jax, numpy as np
+from diffusion_jax import parallel
+assert parallel.maybe_initialize_distributed("auto")
+mesh = parallel.make_mesh()
+pid = jax.process_index()
+g = parallel.shard_batch({"x": np.arange(4, dtype=np.float32) + 10 * pid}, mesh)["x"]
+out = parallel.to_host({"g": g, "host": np.array([7.0])})
+key = parallel.replicate(jax.random.key(3), mesh)
+print("RESULT", out["g"].tolist(), out["host"].tolist(), jax.random.key_data(key).tolist(), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_to_host_and_replicate_across_two_processes(env, tmp_path):
+    """Global arrays come back whole; a host value each process holds comes back once (it was
+    concatenated from both); a typed key is replicated (it had no NumPy form)."""
+    script = tmp_path / "host_values.py"
+    script.write_text(_HOST_VALUES_SCRIPT)
+    port = _free_port()
+    procs, logs = [], []
+    for pid in (0, 1):
+        logs.append(tmp_path / f"host_values_{pid}.log")
+        procs.append(_start([sys.executable, str(script)], dict(
+            env, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid)),
+            logs[-1]))
+    outputs = [_finish(proc, log) for proc, log in zip(procs, logs)]
+    want = [[0.0, 1.0, 2.0, 3.0, 10.0, 11.0, 12.0, 13.0], [7.0], np.asarray(jax.random.key_data(jax.random.key(3))).tolist()]
+    for proc, output in zip(procs, outputs):
+        _ok(proc.returncode, output)
+        line = next(line for line in output.splitlines() if line.startswith("RESULT"))
+        assert line == "RESULT " + " ".join(str(w) for w in want), line
+
+
 # =============================================================================
 # 7. Determinism
 # =============================================================================
