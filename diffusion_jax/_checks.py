@@ -72,12 +72,18 @@ def check_model_output(model_output, x_t, variance: str) -> None:
 
 def as_step(step) -> int:
     """A training step number: an int (``operator.index``; not a bool), >= 0."""
-    if isinstance(step, bool):
-        raise TypeError(f"step must be an int, got {step!r}.")
+    return as_nonnegative_int("step", step)
+
+
+def as_nonnegative_int(name: str, value) -> int:
+    """``value`` as an int (``operator.index``: Python, NumPy and concrete 0-d JAX ints; not a
+    bool), >= 0; the errors name ``name``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}.")
     try:
-        step = operator.index(step)
+        value = operator.index(value)
     except TypeError:
-        raise TypeError(f"step must be an int, got {type(step).__name__} {step!r}.") from None
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}.")
-    return step
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}.") from None
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}.")
+    return value

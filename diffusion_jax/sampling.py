@@ -287,12 +287,7 @@ def classifier_free_guidance(
     _checks.check_choice("variance", variance, _checks.VARIANCES)
     if not isinstance(guidance_scale, jax.core.Tracer) and guidance_scale < 0:
         raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
-    try:
-        null_label = operator.index(null_label)
-    except TypeError:
-        raise TypeError(f"null_label must be an int, got {null_label!r}") from None
-    if null_label < 0:
-        raise ValueError(f"null_label must be >= 0, got {null_label}")
+    null_label = _checks.as_nonnegative_int("null_label", null_label)
     labels = jnp.asarray(labels)
     if labels.ndim != 1 or not jnp.issubdtype(labels.dtype, jnp.integer):
         raise ValueError(f"labels must be an int [B] array, got shape {labels.shape} dtype {labels.dtype}")

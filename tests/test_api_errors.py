@@ -535,7 +535,7 @@ def test_classifier_free_guidance_rejects_a_bad_null_label():
     NaN (or, for -1, silently the last row): the null label is checked where it is given."""
     with pytest.raises(ValueError, match=r"null_label must be >= 0, got -1"):
         dj.classifier_free_guidance(cond_model, jnp.array([0, 1]), guidance_scale=1.0, null_label=-1)
-    with pytest.raises(TypeError, match=r"null_label must be an int, got 10\.0"):
+    with pytest.raises(TypeError, match=r"null_label must be an int, got float 10\.0"):
         dj.classifier_free_guidance(cond_model, jnp.array([0, 1]), guidance_scale=1.0, null_label=10.0)
 
 

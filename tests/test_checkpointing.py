@@ -550,14 +550,8 @@ class _GlobalPosition:
 
 
 @flax.struct.dataclass
-class _StateWithLaterFields:
+class _StateWithLaterFields(_TrainState):
     """_TrainState with two fields added after its checkpoints were written."""
-    step: jax.Array
-    params: dict
-    ema_params: dict
-    opt_state: optax.OptState
-    rng: jax.Array
-    key: jax.Array
     unused: object = None
     average: object = None
 
