@@ -130,7 +130,8 @@ def relaunch_under_jemalloc(argv: Sequence[str] | None = None) -> None:
     came from stdin (``python -``: read already, it cannot run again), or no
     jemalloc library is installed. In a relaunched process it first takes the
     jemalloc settings back out of ``os.environ`` (jemalloc has read them, or
-    failed to load), so child processes do not inherit them. Otherwise it does not return: ``os.execve`` replaces the process
+    failed to load), so child processes do not inherit them. Otherwise it
+    does not return: ``os.execve`` replaces the process
     (same PID, same arguments, same environment plus ``LD_PRELOAD``,
     ``MALLOC_CONF`` and :data:`RELAUNCHED_ENV_VAR`). Call it before any work
     that should not run twice.

@@ -182,7 +182,7 @@ def request_cpu_devices(count: int) -> bool:
         raise ValueError(f"request_cpu_devices: count must be an int >= 1, got {count!r}")
     from diffusion_jax import xla_cpu  # pylint: disable=g-import-not-at-top
 
-    if _CPU_DEVICE_FLAG in xla_cpu.xla_flags() or _jax_num_cpu_devices_set():
+    if _CPU_DEVICE_FLAG in xla_cpu.effective_xla_flags() or _jax_num_cpu_devices_set():
         return False
     if backend_started():
         raise RuntimeError("request_cpu_devices: a JAX backend has already started; call it before "

@@ -99,7 +99,7 @@ def request(library: str) -> bool:
     """
     if library not in ("ynnpack", "eigen"):
         raise ValueError(f"xla_cpu.request: library must be 'ynnpack' or 'eigen', got {library!r}")
-    if library == "ynnpack" or _flag_value(xla_flags()) is not None:
+    if library == "ynnpack" or _flag_value(effective_xla_flags()) is not None:
         return False
     from diffusion_jax import parallel  # pylint: disable=g-import-not-at-top
 
@@ -113,7 +113,7 @@ def request(library: str) -> bool:
     return True
 
 
-def xla_flags() -> str:
+def effective_xla_flags() -> str:
     """``XLA_FLAGS`` as XLA reads it: the flags, or, where the value names a file (it does not
     start with "-"), the flags in that file ("" if it cannot be read: XLA reports that)."""
     value = os.environ.get("XLA_FLAGS", "")
@@ -134,7 +134,7 @@ def add_xla_flag(flag: str) -> None:
     path = value.strip()
     if path and not path.startswith("-") and not os.path.isfile(path):
         raise ValueError(f"XLA_FLAGS names a file XLA cannot read: {path!r} (flags must start with '--')")
-    os.environ["XLA_FLAGS"] = f"{xla_flags()} {flag}".strip()
+    os.environ["XLA_FLAGS"] = f"{effective_xla_flags()} {flag}".strip()
 
 
 def convolutions_on_ynnpack(xla_flags: str | None = None) -> bool:
@@ -143,7 +143,7 @@ def convolutions_on_ynnpack(xla_flags: str | None = None) -> bool:
     True unless ``XLA_FLAGS`` (or ``xla_flags``) sets :data:`FLAG` to a set
     without ``individual_convolution``; the last setting wins, as in XLA.
     """
-    value = _flag_value(globals()["xla_flags"]() if xla_flags is None else xla_flags)
+    value = _flag_value(effective_xla_flags() if xla_flags is None else xla_flags)
     if value is None:
         return True
     return "individual_convolution" in (v.strip() for v in value.split(","))
