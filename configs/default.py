@@ -59,6 +59,14 @@ def get_config() -> ml_collections.ConfigDict:
     # multiples of it; SIGTERM/SIGINT stop after the call in flight. For GPUs
     # and TPUs: on the CPU backend several steps per call run slower (README).
     config.steps_per_dispatch = 1
+    # Gradient accumulation: each device's share of batch_size is split into
+    # this many micro-batches, run one after another (a lax.scan) and their
+    # gradients summed before the one update: the activation memory of
+    # batch_size / num_microbatches examples at once, the update of the whole
+    # batch (to float32 rounding; dropout masks are drawn per micro-batch).
+    # batch_size must be divisible by devices x num_microbatches. May change
+    # on resume (e.g. to fit a smaller accelerator).
+    config.num_microbatches = 1
 
     # --- Data (diffusion_jax.input_pipeline.DataConfig) --------------------------
     config.data = ml_collections.ConfigDict()

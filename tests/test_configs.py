@@ -117,6 +117,20 @@ def test_steps_per_dispatch_is_a_positive_int():
     trainer.validate_config(config, device_count=8)
 
 
+def test_num_microbatches_must_divide_each_devices_batch():
+    def mutate(c):
+        c.num_microbatches = 0
+    _bad(mutate, r"config\.num_microbatches.*>= 1")
+
+    def mutate(c):
+        c.batch_size, c.num_microbatches = 128, 3
+    _bad(mutate, r"config\.num_microbatches: 3 does not divide each device's 16 examples "
+                 r"\(batch_size=128 over 8 devices\)", device_count=8)
+    config = _load("cifar10")
+    config.num_microbatches = 16  # 128 / 8 devices = 16 each: micro-batches of one example
+    trainer.validate_config(config, device_count=8)
+
+
 def test_zero_timesteps():
     def mutate(c):
         c.diffusion.num_timesteps = 0

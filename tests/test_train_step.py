@@ -159,6 +159,70 @@ def test_several_steps_per_call_are_the_single_steps(setup, eight_device_mesh, s
     assert list(multi_metrics["nonfinite"]) == [0.0, 1.0, 0.0, 0.0]
 
 
+@pytest.mark.parametrize("devices, microbatches", [(8, 2), (1, 4)])
+def test_microbatches_give_the_update_of_the_whole_batch(setup, eight_device_mesh, step_on_eight,
+                                                         devices, microbatches):
+    """Gradient accumulation: each device's block split into micro-batches (down to one
+    example on 8 devices) gives the state and metrics of the whole-batch step: the same
+    timesteps, noise and dropped labels (drawn per example), and the mean of the parts'
+    gradients is the whole batch's (hybrid loss, importance sampling, label dropout)."""
+    _, state = setup
+    batches = [_batch(seed) for seed in range(3)]
+    whole, whole_metrics = _run(step_on_eight, state, eight_device_mesh, batches)
+    model = UNet(UNetConfig(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
+                            out_channels=2, num_classes=3))
+    tx, lr = make_optimizer(OptimConfig(learning_rate=PEAK_LR, warmup_steps=WARMUP, grad_clip=1.0))
+    loss_config = LossConfig(loss="hybrid", variance="learned_range", timestep_sampler="importance",
+                             num_classes=3, cond_drop_rate=0.3)
+    micro_fn = make_train_step(model, dj.make_schedule("linear", T), tx, lr, ema_decay=EMA_DECAY,
+                               loss_config=loss_config, num_microbatches=microbatches)
+    mesh = parallel.make_mesh(jax.devices()[:devices])
+    parts, parts_metrics = _run(_mapped(micro_fn, mesh), state, mesh, batches)
+
+    assert int(parts.step) == 3 and int(np.sum(parts.loss_history.counts)) == 3 * GLOBAL_BATCH
+    for name in ("params", "ema_params", "opt_state", "loss_history"):
+        jax.tree.map(lambda a, b, name=name: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name),
+                     getattr(whole, name), getattr(parts, name))
+    for m1, m2 in zip(whole_metrics, parts_metrics):
+        for key in ("loss", "mse", "vlb", "grad_norm", "loss_q0", "loss_q3", "lr"):
+            np.testing.assert_allclose(m1[key], m2[key], rtol=1e-5, err_msg=key)
+
+
+def test_microbatches_of_a_learned_schedule_and_their_checks():
+    """The schedule's parameters get the whole batch's gradient too; a bad count, or a
+    device batch it does not divide, is refused by name."""
+    model = UNet(UNetConfig(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0))
+    schedule = dj.LearnedSchedule(T, hidden_features=8)
+    # Plain SGD: the update is the gradient itself (Adam's first update, g / (|g| + eps),
+    # would magnify rounding on near-zero gradients).
+    tx, lr = optax.sgd(1e-2), optax.constant_schedule(1e-2)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 1)), jnp.zeros((1,), jnp.int32),
+                        None, train=False)["params"]
+    state = create_train_state(params, tx, schedule_params=schedule.init(jax.random.PRNGKey(1))["params"])
+    mesh = parallel.make_mesh(jax.devices()[:2])
+    batch = parallel.shard_batch({"image": _batch()["image"]}, mesh)  # 8 examples per device
+    results = []
+    for microbatches in (1, 8):
+        step_fn = make_train_step(model, schedule, tx, lr, ema_decay=EMA_DECAY, loss_config=LossConfig(loss="vlb"),
+                                  num_microbatches=microbatches)
+        results.append(jax.device_get(_mapped(step_fn, mesh)(state, batch, jax.random.PRNGKey(0))))
+    (whole, whole_metrics), (parts, parts_metrics) = results
+    assert not np.allclose(whole.schedule_params["log_snr_max"], state.schedule_params["log_snr_max"])
+    for name in ("params", "schedule_params", "ema_schedule_params", "opt_state"):
+        jax.tree.map(lambda a, b, name=name: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name),
+                     getattr(whole, name), getattr(parts, name))
+    np.testing.assert_allclose(whole_metrics["vlb"], parts_metrics["vlb"], rtol=1e-5)
+
+    for bad in (0, -2, 2.0, True):
+        with pytest.raises(ValueError, match="num_microbatches must be an int >= 1"):
+            make_train_step(model, schedule, tx, lr, ema_decay=EMA_DECAY, loss_config=LossConfig(loss="vlb"),
+                            num_microbatches=bad)
+    step_fn = make_train_step(model, schedule, tx, lr, ema_decay=EMA_DECAY, loss_config=LossConfig(loss="vlb"),
+                              num_microbatches=3)
+    with pytest.raises(ValueError, match="num_microbatches=3 does not divide this device's batch of 8"):
+        _mapped(step_fn, mesh)(state, batch, jax.random.PRNGKey(0))
+
+
 def test_multi_step_rejects_a_bad_count_and_mismatched_batches(setup, eight_device_mesh):
     step_fn, state = setup
     for bad in (0, -1, 2.0, True):

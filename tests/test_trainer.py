@@ -194,7 +194,9 @@ def test_several_steps_per_call_resume_between_calls_and_match_one_step_per_call
     steps) resumed to 60 (single steps to 35, then calls of 5) logs and
     checkpoints at the steps of the one-step run, logs its losses, and ends at
     its network, to float32 rounding (a scanned step compiles apart from a
-    single one).
+    single one). The resumed half also accumulates gradients over two
+    micro-batches per device (num_microbatches may change on resume): the
+    same updates.
 
     The network, not every parameter: in this tiny UNet a bias feeding a
     GroupNorm of one channel per group (ch=32, 32 groups) has an exactly zero
@@ -210,6 +212,7 @@ def test_several_steps_per_call_resume_between_calls_and_match_one_step_per_call
         assert int(trainer.train_and_evaluate(config, workdir).step) == 33
     assert "steps_per_dispatch=5 on the CPU backend" in caplog.text  # slow there: a warning
     config.num_train_steps = 60
+    config.num_microbatches = 2  # 32 examples over 8 devices: two micro-batches of 2 on each
     resumed = trainer.train_and_evaluate(config, workdir)
     assert int(resumed.step) == 60 and int(resumed.nonfinite_count) == 0
 

@@ -112,6 +112,7 @@ def make_train_step(
     *,
     ema_decay: float,
     loss_config: LossConfig,
+    num_microbatches: int = 1,
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
     """Builds the per-device training step.
 
@@ -123,6 +124,13 @@ def make_train_step(
       lr_schedule: the learning rate ``tx`` applies after n updates (reported).
       ema_decay: EMA decay of the parameters, in [0, 1].
       loss_config: the loss and its options.
+      num_microbatches: gradient accumulation: each device's block of the
+        batch is split into this many equal micro-batches, whose gradients a
+        ``lax.scan`` sums before the one update, so the activations held at
+        once are those of one micro-batch. The update is that of the whole
+        batch (the same timesteps, noise and labels, which are drawn per
+        example; equal to float32 rounding), except that dropout masks are
+        drawn per micro-batch.
 
     Returns:
       ``train_step(state, batch, base_key) -> (new_state, metrics)`` for one
@@ -139,7 +147,9 @@ def make_train_step(
       ``consecutive_nonfinite``.
 
     Raises:
-      ValueError: ``ema_decay`` outside [0, 1]; when the step is traced, a
+      ValueError: ``ema_decay`` outside [0, 1], ``num_microbatches`` not an int
+        >= 1; when the step is traced, a device's batch that
+        ``num_microbatches`` does not divide, a
         ``state.loss_history`` that ``loss_config.timestep_sampler`` does not
         match (importance sampling needs one, uniform sampling takes none), a
         conditional model's batch without ``"label"``, or no ``"data"`` axis.
@@ -149,6 +159,8 @@ def make_train_step(
     num_timesteps = schedule.num_timesteps
     if isinstance(ema_decay, bool) or not 0.0 <= ema_decay <= 1.0:  # also NaN
         raise ValueError(f"ema_decay must lie in [0, 1], got {ema_decay!r}")
+    if isinstance(num_microbatches, bool) or not isinstance(num_microbatches, int) or num_microbatches < 1:
+        raise ValueError(f"num_microbatches must be an int >= 1, got {num_microbatches!r}")
 
     def train_step(state: TrainState, batch: Batch, base_key: jax.Array):
         if (cfg.timestep_sampler == "importance") != (state.loss_history is not None):
@@ -166,6 +178,9 @@ def make_train_step(
                              "map it with parallel.data_parallel, or shard_map over such an axis") from None
         x0, labels = batch["image"], batch.get("label")
         local_batch = x0.shape[0]
+        if local_batch % num_microbatches:
+            raise ValueError(f"num_microbatches={num_microbatches} does not divide this device's "
+                             f"batch of {local_batch} examples")
 
         # 1. Keys: per step, then per example of the global batch.
         examples_key, dropout_key = jax.random.split(jax.random.fold_in(base_key, state.step))
@@ -187,9 +202,10 @@ def make_train_step(
             drop = jax.vmap(lambda k: jax.random.bernoulli(k, cfg.cond_drop_rate))(k_label)
             y = jnp.where(drop, cfg.num_classes, labels)
 
-        # 3. Loss and gradients: this device's mean loss and gradient, then the
-        #    mean over devices (equal shards, so it is the global-batch mean).
-        def loss_fn(trainable):
+        # 3. Loss and gradients: this device's mean loss and gradient (summed
+        #    over its micro-batches), then the mean over devices (equal shards,
+        #    so it is the global-batch mean).
+        def loss_fn(trainable, x0, t, noise, weights, y, dropout_key):
             params, schedule_params = trainable
             sched = schedule.apply({"params": schedule_params}) if learned else schedule
 
@@ -204,7 +220,24 @@ def make_train_step(
             return jnp.mean((losses.loss - losses.prior) * weights + losses.prior), losses
 
         trainable = parallel.vary_over_data(state.trainable)
-        (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        if num_microbatches == 1:
+            (_, losses), grads = grad_fn(trainable, x0, t, noise, weights, y, dropout_key)
+        else:
+            def micro_step(grads_sum, micro):
+                index, *inputs = micro
+                (_, micro_losses), micro_grads = grad_fn(
+                    trainable, *inputs, jax.random.fold_in(dropout_key, index))
+                return jax.tree.map(jnp.add, grads_sum, micro_grads), micro_losses
+
+            def split(x):  # [b, ...] -> [num_microbatches, b / num_microbatches, ...]
+                return None if x is None else x.reshape((num_microbatches, -1) + x.shape[1:])
+
+            zeros = jax.tree.map(jnp.zeros_like, trainable)
+            grads, losses = lax.scan(micro_step, zeros, (
+                jnp.arange(num_microbatches), *map(split, (x0, t, noise, weights, y))))
+            grads = jax.tree.map(lambda g: g / num_microbatches, grads)
+            losses = jax.tree.map(lambda x: x.reshape((local_batch,) + x.shape[2:]), losses)
         grads = lax.pmean(grads, DATA_AXIS)
         grad_norm = optax.tree.norm(grads)
         loss = _global_mean(losses.loss)

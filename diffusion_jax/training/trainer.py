@@ -138,7 +138,7 @@ def _dataclass_fields(cls, derived: tuple[str, ...] = ()) -> tuple[str, ...]:
 _SCHEMA = {
     "": ("num_train_steps", "batch_size", "seed", "log_every_steps", "checkpoint_every_steps",
          "eval_every_steps", "ema_decay", "max_consecutive_nonfinite", "cond_drop_rate", "distributed",
-         "compute_dtype", "steps_per_dispatch", "data", "model", "diffusion", "optim", "sample", "eval",
+         "compute_dtype", "steps_per_dispatch", "num_microbatches", "data", "model", "diffusion", "optim", "sample", "eval",
          "checkpoint"),
     "data": _dataclass_fields(input_pipeline.DataConfig) + _DATA_READING_FIELDS,
     "model": _dataclass_fields(UNetConfig, derived=("out_channels", "dtype")),
@@ -216,7 +216,7 @@ def validate_config(
     for field, minimum in (("num_train_steps", 1), ("batch_size", 1), ("seed", 0),
                            ("log_every_steps", 1), ("checkpoint_every_steps", 1),
                            ("eval_every_steps", 0), ("max_consecutive_nonfinite", 1),
-                           ("steps_per_dispatch", 1)):
+                           ("steps_per_dispatch", 1), ("num_microbatches", 1)):
         _check_int(config, field, minimum=minimum)
     if config.seed >= 2**32:  # PRNGKey(seed) keeps 32 bits: 2**32 would train as seed 0
         _fail("seed", f"must be < 2**32, got {config.seed}")
@@ -227,6 +227,10 @@ def validate_config(
     for count, what in ((device_count, "devices"), (process_count, "processes")):
         if config.batch_size % count:
             _fail("batch_size", f"{config.batch_size} is not divisible by the {count} {what} of this job")
+    if config.batch_size % (device_count * config.num_microbatches):
+        _fail("num_microbatches", f"{config.num_microbatches} does not divide each device's "
+              f"{config.batch_size // device_count} examples (batch_size={config.batch_size} over "
+              f"{device_count} devices)")
     data_dir = config.data.data_dir
     if data_dir is not None and (not isinstance(data_dir, str) or data_dir.strip() in ("", "None")):
         # `--config.data.data_dir=None` arrives as the string 'None' (a folder of that name), '' as the cwd.
@@ -353,8 +357,8 @@ def validate_config(
 # inference: a run trained with cuDNN attention on a GPU samples on a CPU.
 _SPEED_ONLY_MODEL_FIELDS = ("model.attention_impl", "model.conv_weight_grad")
 _OPERATIONAL_FIELDS = ("num_train_steps", "log_every_steps", "checkpoint_every_steps", "eval_every_steps",
-                       "max_consecutive_nonfinite", "steps_per_dispatch", "distributed", "data.data_dir",
-                       "data.worker_count") + _SPEED_ONLY_MODEL_FIELDS
+                       "max_consecutive_nonfinite", "steps_per_dispatch", "num_microbatches", "distributed",
+                       "data.data_dir", "data.worker_count") + _SPEED_ONLY_MODEL_FIELDS
 _OPERATIONAL_SECTIONS = ("eval.", "sample.", "checkpoint.")
 # Fields that define what a checkpoint's parameters mean: evaluating or sampling
 # under other values gives wrong numbers (dropout is off there anyway).
@@ -814,7 +818,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # (the single step then runs only to reach a multiple of K after resuming,
     # and for the last num_train_steps % K steps).
     one_step = make_train_step(job.model, job.schedule, job.tx, job.lr_schedule, ema_decay=config.ema_decay,
-                               loss_config=_loss_config(config))
+                               loss_config=_loss_config(config), num_microbatches=config.num_microbatches)
     per_call = config.steps_per_dispatch
     if per_call > 1 and jax.default_backend() == "cpu":
         logger.warning(
