@@ -276,15 +276,31 @@ def program_peak_bytes(compiled) -> int | None:
 def flops_of(lowered_or_compiled) -> float | None:
     """Total FLOPs XLA's cost analysis counts for one call, or None.
 
+    A backend reached through the PJRT C API (the CUDA and ROCm plugins) has
+    no cost analysis before compiling: `Lowered.cost_analysis()` gives None
+    there (jax's `MeshComputation.cost_analysis` raises "not implemented on
+    platform 'gpu'", jax 0.10 and 0.11). A lowered program's module is then
+    analysed by the CPU client, which runs the same `HloCostAnalysis` over the
+    same unoptimized module: the count the CPU gives, on any device.
+
     Note: the count is per device program (SPMD), and XLA counts the body of a
     while loop (a `lax.scan`) once, not once per iteration.
     """
     try:
         cost = lowered_or_compiled.cost_analysis()
     except Exception:  # some backends do not implement it
-        return None
+        cost = None
     if isinstance(cost, (list, tuple)):  # older JAX: one dict per device program
         cost = cost[0] if cost else None
+    if (not cost or "flops" not in cost) and hasattr(lowered_or_compiled, "compiler_ir"):
+        try:
+            from jax._src import xla_bridge
+            from jax._src.lib import _jax
+
+            module = lowered_or_compiled.compiler_ir("hlo").as_hlo_module()
+            cost = _jax.hlo_module_cost_analysis(xla_bridge.get_backend("cpu"), module)
+        except Exception:  # the private API moved, or no CPU backend (JAX_PLATFORMS)
+            cost = None
     if not cost or "flops" not in cost:
         return None
     return float(cost["flops"])
@@ -337,6 +353,8 @@ class CpuShare:
 def common_fields(devices) -> dict[str, Any]:
     """Record fields describing the machine and its state: device, load, XLA flags (and on CPU
     the convolution library they choose)."""
+    import jax
+
     from diffusion_jax import xla_cpu
 
     return {
@@ -345,5 +363,9 @@ def common_fields(devices) -> dict[str, Any]:
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "allocator": _report.allocator_name(),
+        # JAX's persistent compilation cache (gpu_suite.sh sets one): where it is on,
+        # a compile_s may be the time to load a program an earlier run compiled.
+        "compilation_cache": (jax.config.jax_compilation_cache_dir or None)
+        if jax.config.jax_enable_compilation_cache else None,
     } | ({"cpu_convolutions": "ynnpack" if xla_cpu.convolutions_on_ynnpack() else "eigen"}
          if devices[0].platform == "cpu" else {})

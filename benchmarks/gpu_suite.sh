@@ -19,6 +19,11 @@
 #                 only while 60 s or more are left and is stopped when none are;
 #                 the labels not run or cut off by it go to OUT_DIR/gpu_suite.todo
 #                 (one line, comma-separated), to give as the PART of the next call
+#   JAX_COMPILATION_CACHE_DIR  JAX's persistent compilation cache (default a
+#                 folder under $TMPDIR or /tmp): a program compiled by one
+#                 command is loaded by the later ones (compare.py's runs of ours
+#                 repeat train.b128.bf16's and sample.ddpm1000.bf16's), and by
+#                 the next call on the same machine; off for sample.compile_scaling
 #   ALLOW_CPU=1   go on where JAX's backend is not a GPU (otherwise the suite
 #                 stops at once: it would measure the CPU for the whole call)
 #   DRY_RUN=1     print each command (shell-quoted, one per line, under its
@@ -171,7 +176,10 @@ fi
 PEERS_OK=1
 for label in "${SELECTED[@]}"; do
   if [[ "$label" == peers.* ]]; then
-    if ! why="$("$PYTHON" -c 'import sys, torch, diffusers, denoising_diffusion_pytorch
+    # Only torch and its CUDA device: a peer that does not import (diffusers without a recent
+    # huggingface-hub, denoising_diffusion_pytorch without torchvision, which lucidrains_bench.py
+    # stubs) is skipped by compare.py alone, with its error, and the other peer still runs.
+    if ! why="$("$PYTHON" -c 'import sys, torch
 sys.exit(0 if torch.cuda.is_available() else "torch finds no CUDA device")' 2>&1)"; then
       PEERS_OK=0
       log "peer comparisons skipped: ${why##*$'\n'} (benchmarks/peers/install.sh --gpu, or WHEELS above)"
@@ -181,7 +189,12 @@ sys.exit(0 if torch.cuda.is_available() else "torch finds no CUDA device")' 2>&1
 done
 
 # --- Running ---------------------------------------------------------------------------
-START=$SECONDS
+# The budget counts from the start of the call ($SECONDS is the script's age), so that the
+# wheels, the machine check and the peers' import check above come out of it too.
+START=0
+# One compile per program per call: later processes of the call (compare.py's runs of ours
+# repeat train.b128.bf16 and sample.ddpm1000.bf16) load it from JAX's persistent cache.
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-${TMPDIR:-/tmp}/diffusion_jax_suite_jax_cache}"
 NOT_DONE=()
 for label in "${SELECTED[@]}"; do
   if [[ "$label" == peers.* && $PEERS_OK == 0 ]]; then continue; fi
@@ -200,6 +213,8 @@ for label in "${SELECTED[@]}"; do
   fi
   TIMEOUT=()
   [[ -n "$limit" ]] && TIMEOUT=(timeout --kill-after=10 "$limit")
+  # compile_scaling times compiles: a cached executable would make it time a cache read.
+  [[ "$label" == sample.compile_scaling ]] && TIMEOUT=(env JAX_ENABLE_COMPILATION_CACHE=false "${TIMEOUT[@]}")
   log "$(date +%T) [$label] $cmd"
   if [[ "$label" == peers.* ]]; then  # its records go to the JSONL by --jsonl; its table to the log
     eval "${TIMEOUT[*]} $cmd" 2>>"$LOG" | tee -a "$LOG"

@@ -215,15 +215,43 @@ def phase(op_name: str) -> str:
 def _op_lines(profile):
     """(plane, its lines where XLA records instructions): the `XLA Ops` lines of the device
     planes where there are any (a GPU or TPU), else the XLA:CPU threads' lines of the host
-    plane (all but the Python thread)."""
+    plane (all but the Python thread).
+
+    A device plane without events on an `XLA Ops` line (a GPU trace as the
+    profiler writes it, before TensorBoard's tools derive that line from the
+    kernels' annotations) gives its `Stream #...` lines, whose kernel events
+    `op_events` names by the instruction in their stats.
+    """
     has_devices = any(plane.name.startswith("/device:") for plane in profile.planes)
     for plane in profile.planes:
         on_device = plane.name.startswith("/device:")
         if on_device != has_devices or not (on_device or plane.name.startswith("/host:CPU")):
             continue
-        lines = [line for line in plane.lines
-                 if (line.name == "XLA Ops" if on_device else line.name != "python")]
-        yield plane, lines
+        if not on_device:
+            yield plane, [line for line in plane.lines if line.name != "python"]
+            continue
+        xla_ops = [line for line in plane.lines if line.name == "XLA Ops"]
+        if any(True for line in xla_ops for _ in line.events):
+            yield plane, xla_ops
+        else:
+            yield plane, [line for line in plane.lines if line.name.startswith(_STREAM_LINE)]
+
+
+_STREAM_LINE = "Stream #"
+_HLO_OP = re.compile(r"hlo_op=([^,#\s]+)")
+
+
+def _event_instruction(event, line_name: str) -> str:
+    """The name `summarize` looks an event up by: on a GPU stream's line, the instruction the
+    kernel ran (a stat `hlo_op`, or `hlo_op=NAME` in the kernel's annotation, as XLA:GPU
+    annotates its launches), else the event's own name (a memcpy's, say: not an instruction)."""
+    if line_name.startswith(_STREAM_LINE):
+        for key, value in event.stats:
+            if key == "hlo_op" and value:
+                return str(value)
+            if isinstance(value, str) and (found := _HLO_OP.search(value)):
+                return found.group(1)
+    return event.name
 
 
 _INDEXED_SCOPE = re.compile(r"^[A-Za-z]\w*_\d+(_\w+)?$")  # down_1_block_0, Dropout_0, up_2_upsample
@@ -264,7 +292,7 @@ def op_events(profile) -> Iterable[tuple[str, float, float]]:
     work from above.
     """
     for _, lines in _op_lines(profile):
-        events = sorted((event.start_ns, event.duration_ns, event.name)
+        events = sorted((event.start_ns, event.duration_ns, _event_instruction(event, line.name))
                         for line in lines for event in line.events)
         starts: list[list] = []
         pending: dict[str, collections.deque] = collections.defaultdict(collections.deque)
@@ -497,6 +525,11 @@ def main(argv: list[str] | None = None) -> int:
         "notes": ["the throughput scripts measure speed; wall times here are of --calls calls",
                   "op times summed over threads and devices"],
     }
+    if record["op_s"] < 0.1 * wall:
+        print(f"profile_step.py: the trace's instructions add up to {record['op_s']:.4f} s of a "
+              f"{wall:.4f} s call: this trace's layout is not one this script reads (its lines: "
+              f"{sorted({line.name for plane in profile.planes for line in plane.lines})[:20]}); "
+              f"the breakdown below is incomplete", file=sys.stderr, flush=True)
     # Not a throughput record (no img_per_s), so `_report.parse_records` passes over it.
     print(json.dumps(record), flush=True)
     return 0

@@ -150,15 +150,17 @@ def synthetic_batch(workload: workloads.Workload, batch: int, steps_per_dispatch
     return jax.device_put(host, parallel.batch_sharding(mesh, stacked=bool(lead)))
 
 
-def model_flops_per_image(workload, dtype, attention_impl, mesh, state, batch: int, key) -> float | None:
+def model_flops_per_image(workload, dtype, mesh, state, batch: int, key) -> float | None:
     """FLOPs of one training step per image, from XLA's cost analysis of the step.
 
     The step analysed is one step per call with XLA's own convolution weight
-    gradient, lowered but not compiled (cheap): its count is the model's
-    (forward, backward, optimizer), whatever speed devices the measured
-    program uses. XLA counts a loop body once, so neither the tap loop of
-    `UNetConfig.conv_weight_grad` nor a `--steps-per-dispatch` scan could be
-    counted from the measured program itself. Per device, so / per-device batch.
+    gradient and the UNet's own attention, lowered but not compiled (cheap):
+    its count is the model's (forward, backward, optimizer), whatever speed
+    devices the measured program uses. XLA counts a loop body once, so neither
+    the tap loop of `UNetConfig.conv_weight_grad` nor a `--steps-per-dispatch`
+    scan could be counted from the measured program itself, and a fused cuDNN
+    attention is a custom call, which it counts as no FLOPs. Per device, so /
+    per-device batch.
     """
     import jax
     import numpy as np
@@ -166,7 +168,7 @@ def model_flops_per_image(workload, dtype, attention_impl, mesh, state, batch: i
 
     from diffusion_jax import parallel
 
-    call, _ = build_step(workload, dtype, 1, attention_impl, mesh, conv_weight_grad="xla")
+    call, _ = build_step(workload, dtype, 1, None, mesh, conv_weight_grad="xla")
     sharding = NamedSharding(mesh, P(parallel.DATA_AXIS))
     batch_spec = {"image": jax.ShapeDtypeStruct((batch, *workload.image_shape), np.float32, sharding=sharding),
                   "label": jax.ShapeDtypeStruct((batch,), np.int32, sharding=sharding)}
@@ -195,7 +197,7 @@ def measure(args: argparse.Namespace, workload: workloads.Workload, batch: int, 
     t0 = time.perf_counter()
     compiled = call.lower(state, data, key).compile()
     compile_s = time.perf_counter() - t0
-    flops_per_img = model_flops_per_image(workload, dtype, args.attention_impl, mesh, state, batch, key)
+    flops_per_img = model_flops_per_image(workload, dtype, mesh, state, batch, key)
 
     for _ in range(args.warmup):
         state, metrics = compiled(state, data, key)

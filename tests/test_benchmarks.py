@@ -284,6 +284,24 @@ def test_xla_counts_the_convolution_taps_inside_the_image_only():
     assert harness.flops_of(conv.lower(x, w)) == 2 * 46**2 * 8 * 4
 
 
+def test_flops_are_counted_where_the_backend_has_no_cost_analysis_before_compiling(monkeypatch):
+    """A GPU plugin (PJRT C API) answers `Lowered.cost_analysis()` with None: the lowered
+    module is then counted by the CPU client. A [4, 8] x [8, 3] product is 2 x 4 x 8 x 3."""
+    import _jax_harness as harness
+
+    matmul = jax.jit(jnp.matmul).lower(jax.ShapeDtypeStruct((4, 8), np.float32),
+                                       jax.ShapeDtypeStruct((8, 3), np.float32))
+    assert harness.flops_of(matmul) == 2 * 4 * 8 * 3
+    monkeypatch.setattr(type(matmul), "cost_analysis", lambda self: None)
+    assert matmul.cost_analysis() is None
+    assert harness.flops_of(matmul) == 2 * 4 * 8 * 3
+
+    def not_implemented(self):
+        raise NotImplementedError("Lowered.cost_analysis not implemented on platform 'gpu'")
+    monkeypatch.setattr(type(matmul), "cost_analysis", not_implemented)
+    assert harness.flops_of(matmul) == 2 * 4 * 8 * 3
+
+
 def test_a_batch_that_does_not_split_over_the_devices_stops_the_sweep_first():
     import _jax_harness as harness
 

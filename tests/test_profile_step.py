@@ -176,8 +176,8 @@ def test_operation_takes_the_layer_scopes_out(op_name, want):
     assert profile_step.operation(op_name) == want
 
 
-def _event(name, start_ns, duration_ns):
-    return SimpleNamespace(name=name, start_ns=start_ns, duration_ns=duration_ns)
+def _event(name, start_ns, duration_ns, stats=()):
+    return SimpleNamespace(name=name, start_ns=start_ns, duration_ns=duration_ns, stats=list(stats))
 
 
 def _profile(*planes):
@@ -214,6 +214,33 @@ def test_op_events_on_a_gpu_come_from_the_device_planes_xla_ops_lines():
     )
     assert list(profile_step.op_events(profile)) == [("silu_fusion", 40e-9, 40e-9)]
     assert profile_step.untraced_pool_seconds(profile, {"silu_fusion"}) is None
+
+
+def test_op_events_on_a_gpu_without_xla_ops_lines_name_kernels_by_their_instruction():
+    # The trace as the profiler writes it on a GPU: no events on an "XLA Ops" line, the
+    # kernels on the streams' lines, each naming its instruction in its stats (a stat
+    # "hlo_op", or XLA:GPU's annotation "...:#hlo_op=NAME,hlo_module=...#"). Two kernels
+    # of one instruction both count; a memcpy, which no instruction names, keeps its name
+    # (summarize leaves it out).
+    annotation = "jit_train_step:#hlo_module=jit_train_step,program_id=3#::conv_fusion:#hlo_op=conv_fusion#"
+    profile = _profile(
+        ("/host:CPU", [("tf_XLAEigen/1", [_event("silu_fusion", 0, 500)])]),
+        ("/device:GPU:0", [
+            ("XLA Ops", []),
+            ("Stream #7(Compute)", [
+                _event("sm90_xmma_fprop_implicit_gemm", 0, 30_000, [("kernel_annotation", annotation)]),
+                _event("sm90_xmma_fprop_splitk_reduce", 30_000, 5_000, [("kernel_annotation", annotation)]),
+                _event("loop_multiply_fusion", 40_000, 7_000, [("correlation_id", 12), ("hlo_op", "silu_fusion")]),
+            ]),
+            ("Stream #9(MemcpyD2D)", [_event("MemcpyD2D", 50_000, 3_000, [("memcpy_details", "kind_dst:device")])]),
+        ]),
+    )
+    assert sorted(profile_step.op_events(profile)) == sorted([
+        ("conv_fusion", 30e-6, 30e-6), ("conv_fusion", 5e-6, 5e-6), ("silu_fusion", 7e-6, 7e-6),
+        ("MemcpyD2D", 3e-6, 3e-6)])
+    summary = profile_step.summarize(profile_step.op_events(profile), HLO, calls=1, top=5)
+    assert summary["op_s"] == pytest.approx(42e-6)
+    assert summary["by_category"]["convolution"] == pytest.approx(35e-6)
 
 
 def test_untraced_pool_seconds_is_pool_running_time_outside_instructions():
