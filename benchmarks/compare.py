@@ -168,6 +168,8 @@ def summary_rows(records: dict[str, list[dict]], impls: list[str]) -> list[dict]
             "params": last.get("params"),
             "device": last["device"],
             "allocator": last.get("allocator"),
+            # Each run's process-wide peak (device memory on a GPU, max RSS on a CPU): the largest.
+            "peak_mem_bytes": max((r["peak_mem_bytes"] for r in recs if r.get("peak_mem_bytes")), default=None),
         })
     ours = next((r["img_per_s"] for r in rows if r["key"] == "ours" and r["img_per_s"]), None)
     for r in rows:
@@ -186,19 +188,20 @@ def format_table(rows: list[dict], args: argparse.Namespace) -> str:
     if allocators:
         lines.append("allocator: " + " | ".join(allocators))
     header = f"{'impl':<14} {'batch':>5} {'dtype':<20} {'compiled':<8} {'params':>12} " \
-             f"{'img/s':>10} {'per round':<24} {'ours / impl':>11}"
+             f"{'img/s':>10} {'per round':<24} {'peak GiB':>8} {'ours / impl':>11}"
     lines += [header, "-" * len(header)]
     for r in rows:
         if r["img_per_s"] is None:
             lines.append(f"{IMPLS[r['key']].record_impl:<14} {'':>5} {'':<20} {'':<8} {'':>12} "
-                         f"{'n/a':>10} {'(no result)':<24} {'n/a':>11}")
+                         f"{'n/a':>10} {'(no result)':<24} {'':>8} {'n/a':>11}")
             continue
         compiled = {True: "yes", False: "no", None: "-"}[r["compiled"]]
         params = f"{r['params']:,}" if isinstance(r["params"], int) else "-"
         per_round = ", ".join(f"{v:.3g}" for v in r["rounds"])
         ratio = f"{r['ours_over_it']:.2f}x" if r["ours_over_it"] else "n/a"
+        peak = f"{r['peak_mem_bytes'] / 2**30:.2f}" if r["peak_mem_bytes"] else "-"
         lines.append(f"{r['impl']:<14} {r['batch']:>5} {r['dtype']:<20} {compiled:<8} {params:>12} "
-                     f"{r['img_per_s']:>10.3f} {per_round:<24} {ratio:>11}")
+                     f"{r['img_per_s']:>10.3f} {per_round:<24} {peak:>8} {ratio:>11}")
     return "\n".join(lines)
 
 

@@ -61,11 +61,11 @@ def test_dpm_solver_is_passed_on_in_the_spelling_every_script_takes():
         assert cmd[cmd.index("--sampler") + 1] == "dpmpp"
 
 
-def _stand_in(tmp_path, name, img_per_s_by_round):
+def _stand_in(tmp_path, name, img_per_s_by_round, **fields):
     """A script printing one record per run, its img/s the next value of the list, and
     appending its name to tmp_path/order."""
     record = {"impl": name, "task": "train", "workload": "tiny", "device": "cpu", "batch": 32,
-              "dtype": "float32", "allocator": "system"}
+              "dtype": "float32", "allocator": "system", **fields}
     script = tmp_path / f"{name}.py"
     script.write_text(f"""import json, pathlib
 order = pathlib.Path({str(tmp_path / "order")!r})
@@ -78,7 +78,7 @@ print(json.dumps(dict({record!r}, img_per_s={img_per_s_by_round!r}[done])))
 
 
 def test_runs_alternate_and_the_table_holds_hand_computed_ratios(tmp_path, monkeypatch, capsys):
-    ours = _stand_in(tmp_path, "diffusion_jax", [10.0, 12.0, 11.0])
+    ours = _stand_in(tmp_path, "diffusion_jax", [10.0, 12.0, 11.0], peak_mem_bytes=3 * 2**29)
     peer = _stand_in(tmp_path, "diffusers", [4.0, 5.0, 8.0])
     monkeypatch.setitem(compare.IMPLS, "ours", compare.Impl("ours", "diffusion_jax", ours, ours, is_peer=False))
     monkeypatch.setitem(compare.IMPLS, "diffusers", compare.Impl("diffusers", "diffusers", peer, peer, is_peer=True))
@@ -90,7 +90,7 @@ def test_runs_alternate_and_the_table_holds_hand_computed_ratios(tmp_path, monke
     # Medians over rounds: ours 11, diffusers 5; ours / diffusers = 2.20.
     [ours_row] = [line for line in table.splitlines() if line.startswith("diffusion_jax ")]
     [peer_row] = [line for line in table.splitlines() if line.startswith("diffusers ")]
-    assert "11.000" in ours_row and ours_row.rstrip().endswith("1.00x")
-    assert "5.000" in peer_row and peer_row.rstrip().endswith("2.20x")
+    assert "11.000" in ours_row and ours_row.split()[-2:] == ["1.50", "1.00x"]  # 1.5 GiB peak
+    assert "5.000" in peer_row and peer_row.split()[-2:] == ["-", "2.20x"]  # no memory recorded
     assert "allocator: system" in table
     assert [json.loads(line)["img_per_s"] for line in jsonl.read_text().splitlines()] == [10, 4, 12, 5, 11, 8]

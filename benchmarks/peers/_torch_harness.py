@@ -290,6 +290,19 @@ def _throughput_fields(seconds: list[float], batch: int, first_step_s: float,
     return fields
 
 
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """The process's peak memory so far and where it comes from, as our records give it:
+    on a GPU the most torch's caching allocator had handed to tensors at once (as JAX's
+    `peak_bytes_in_use` counts its allocator's), on the CPU the maximum resident set size."""
+    if device.type == "cuda":
+        return (int(torch.cuda.max_memory_allocated(device)),
+                "torch.cuda.max_memory_allocated(), since the process started")
+    import resource
+
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB on Linux
+            "process max RSS (ru_maxrss), since the process started")
+
+
 def record(impl: str, args: argparse.Namespace, device: torch.device, *, params: int,
            versions: dict[str, str], timing: dict[str, Any], notes: list[str]) -> dict[str, Any]:
     """The JSON record for one measurement (see benchmarks/_report.py)."""
@@ -313,6 +326,7 @@ def record(impl: str, args: argparse.Namespace, device: torch.device, *, params:
     rec["median_s_per_step"] = round(rec["median_s_per_step"], 6)
     if "median_s_per_run" in rec:
         rec["median_s_per_run"] = round(rec["median_s_per_run"], 4)
+    rec["peak_mem_bytes"], rec["peak_mem_source"] = peak_memory(device)
     rec.update({
         "repeats": args.repeats,
         "steps": args.steps if args.task == "train" else None,
