@@ -154,11 +154,20 @@ def test_evaluate_and_sample_modes_from_the_checkpoint(digits_run):
     assert images["samples"] == [30, 60]
 
 
-def test_sigterm_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one(digits_run, tmp_path):
+def test_sigterm_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one(digits_run, tmp_path, monkeypatch,
+                                                                             caplog):
     """SIGTERM mid-run: the step in flight finishes, a checkpoint is written and
     train_and_evaluate returns; restarting continues to the same params, EMA and
-    optimizer state (bitwise) as the uninterrupted 60-step run of the fixture."""
+    optimizer state (bitwise) as the uninterrupted 60-step run of the fixture.
+    A Ctrl-C while that last checkpoint is written waits for it (it used to
+    raise KeyboardInterrupt there and cut the save short)."""
     config, _, straight = digits_run
+    finish = checkpointing.Checkpointer.wait_until_finished
+
+    def interrupted_while_finishing(self):
+        os.kill(os.getpid(), signal.SIGINT)  # the second signal, during the final save
+        finish(self)
+    monkeypatch.setattr(checkpointing.Checkpointer, "wait_until_finished", interrupted_while_finishing)
     config = _training_only(config, checkpoint_every_steps=10)
     workdir = str(tmp_path)
     first_checkpoint = os.path.join(workdir, "checkpoints", "10")
@@ -173,14 +182,17 @@ def test_sigterm_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one(di
     handler_before = signal.getsignal(signal.SIGTERM)
     killer = threading.Thread(target=send_sigterm_once_training, daemon=True)
     killer.start()
-    stopped = trainer.train_and_evaluate(config, workdir)
+    with caplog.at_level("WARNING", logger=trainer.logger.name):
+        stopped = trainer.train_and_evaluate(config, workdir)
     killer.join()
+    assert "Received SIGINT while the final checkpoint is written: finishing it first." in caplog.text
     assert signal.getsignal(signal.SIGTERM) is handler_before
     stopped_at = int(stopped.step)
     assert 10 <= stopped_at < 60
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
     assert ckpt.latest_step() == stopped_at
     ckpt.close()
+    monkeypatch.undo()
 
     resumed = trainer.train_and_evaluate(config, workdir)
     assert int(resumed.step) == 60

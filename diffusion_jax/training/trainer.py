@@ -646,7 +646,9 @@ def _saves_finished_on_error(ckpt: checkpointing.Checkpointer):
 class _StopSignals:
     """SIGTERM/SIGINT ask the loop to stop after the call (one or `steps_per_dispatch` steps) in flight.
 
-    A second SIGINT stops at once (KeyboardInterrupt). In a multi-process job
+    A second SIGINT stops at once (KeyboardInterrupt), except while the final
+    checkpoint is written (``finishing``): a signal then waits for it, so
+    that it is not cut short. In a multi-process job
     no handler is installed: a flag set in one process would make it leave
     the loop while the others wait for it in a collective. There SIGTERM is
     handled by JAX's preemption service (see
@@ -656,15 +658,20 @@ class _StopSignals:
 
     def __init__(self):
         self.requested = False
+        self.finishing = False
         self._previous = {}
 
     def _handle(self, signum, frame):
         del frame
+        name = signal.Signals(signum).name
+        if self.finishing:
+            logger.warning("Received %s while the final checkpoint is written: finishing it first.", name)
+            self.requested = True
+            return
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        logger.warning("Received %s: stopping after this step, with a checkpoint.",
-                       signal.Signals(signum).name)
+        logger.warning("Received %s: stopping after this step, with a checkpoint.", name)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
@@ -926,10 +933,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 stopped_early = True
                 break
 
-    # --- 5. Final checkpoint, samples and NLL -------------------------------------
-    if ckpt.latest_step() != step:
-        ckpt.save(step, state, data_iterator=train_iter, force=True)
-    ckpt.wait_until_finished()
+        # --- 5. Final checkpoint (under the handlers: a second SIGTERM or Ctrl-C
+        #        waits for it), then samples and NLL ----------------------------------
+        stop.finishing = True
+        if ckpt.latest_step() != step:
+            ckpt.save(step, state, data_iterator=train_iter, force=True)
+        ckpt.wait_until_finished()
+        stopped_early = stopped_early or stop.requested  # a signal during it skips the samples and NLL
     if stopped_early:
         logger.warning("Stopped at step %d on a signal; checkpoint saved in %s.", step, ckpt.directory)
     else:
