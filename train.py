@@ -28,6 +28,11 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "sample"], "Wha
 _NUM_IMAGES = flags.DEFINE_integer("num_images", None, "--mode=sample: images to draw (default: config.sample).")
 _SAMPLER = flags.DEFINE_string("sampler", None, "--mode=sample: ddpm, ddim or dpm_solver++ (default: config.sample).")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", None, "--mode=sample: sampling steps (default: config.sample).")
+_ALLOW_MODEL_CHANGES = flags.DEFINE_boolean(
+    "allow_model_changes", False,
+    "--mode=train: resume although fields that define the model (model.*, diffusion.* but dropout and the "
+    "loss options, data.image_size) differ from the checkpoint's config, to fine-tune its parameters under "
+    "the new values on purpose; without it such a resume is refused.")
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", None,
     "On the CPU backend, split each process's CPU into this many data-parallel XLA devices "
@@ -128,9 +133,16 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return rest
 
 
+_FLAGS_OF_MODE = {"sample": ("num_images", "sampler", "num_steps"), "train": ("allow_model_changes",)}
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    for mode, names in _FLAGS_OF_MODE.items():
+        given = [f"--{name}" for name in names if flags.FLAGS[name].present]
+        if given and _MODE.value != mode:
+            raise app.UsageError(f"{', '.join(given)} only apply with --mode={mode}, not --mode={_MODE.value}")
     # Our progress and results at INFO; other libraries (Orbax) at WARNING
     # unless --verbosity is given.
     if not flags.FLAGS["verbosity"].present:
@@ -156,7 +168,7 @@ def main(argv):
     if allocator.jax_runs_on_cpu():
         logging.getLogger("diffusion_jax").info("XLA:CPU convolutions: %s", "YNNPACK" if on_ynnpack else "Eigen")
     if _MODE.value == "train":
-        trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, allow_model_changes=_ALLOW_MODEL_CHANGES.value)
     elif _MODE.value == "evaluate":
         trainer.evaluate(_CONFIG.value, _WORKDIR.value)
     else:

@@ -205,14 +205,22 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def saved_config(self, step: int | None = None) -> dict[str, Any] | None:
-        """The run config stored with ``step`` (default: the newest), or None if it has none."""
+        """The run config stored with ``step`` (default: the newest), or None if it has none.
+
+        Raises:
+          ValueError: the step's config file is not JSON (``restore`` verifies
+            it against its checksum first: a damaged one makes the step damaged).
+        """
         step = self.latest_step() if step is None else as_step(step)
         if step is None:
             return None
         path = self._step_dir(step) / _CONFIG / "metadata"
         if not path.exists():
             return None
-        config = json.loads(path.read_text())
+        try:
+            config = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"The config saved with checkpoint step {step}, {path}, is not JSON: {e}") from e
         return config if isinstance(config, dict) else None
 
     def all_steps(self) -> list[int]:

@@ -219,6 +219,12 @@ def test_config_json_round_trip(tmp_path):
     with Checkpointer(tmp_path / "ckpt", config=config) as ckpt:
         ckpt.save(1, {"x": jnp.zeros(())})
     assert json.loads((tmp_path / "ckpt" / "1" / "config" / "metadata").read_text()) == loaded
+    with Checkpointer(tmp_path / "ckpt", read_only=True) as ckpt:
+        assert ckpt.saved_config(1) == loaded
+        (tmp_path / "ckpt" / "1" / "config" / "metadata").write_text('{"lr": 2e-4, "mod')  # cut short
+        with pytest.raises(ValueError, match=r"config saved with checkpoint step 1, .*1/config/metadata, is not "
+                                             r"JSON"):
+            ckpt.saved_config(1)
     with pytest.raises(TypeError, match="JSON"):
         checkpointing.save_config(tmp_path, {"bad": object()})
     with pytest.raises(FileNotFoundError):

@@ -149,3 +149,21 @@ def test_train_py_reports_a_misspelled_field_in_one_line(arg, message):
     assert proc.returncode == 1
     assert f"FATAL Flags parsing error: {message}" in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mode=evaluate", "--num_steps=5", "--sampler=ddim"],
+     "--sampler, --num_steps only apply with --mode=sample, not --mode=evaluate"),
+    (["--num_images=4"], "--num_images only apply with --mode=sample, not --mode=train"),
+    (["--mode=sample", "--allow_model_changes"],
+     "--allow_model_changes only apply with --mode=train, not --mode=sample"),
+])
+def test_train_py_refuses_a_flag_of_another_mode(tmp_path, args, message):
+    """They were silently ignored (an evaluation given --sampler=bogus ran as if not given)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    workdir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "train.py", "--config=configs/digits.py", f"--workdir={workdir}",
+                           "--nojemalloc", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-3000:]
+    assert not workdir.exists()

@@ -267,6 +267,29 @@ def test_evaluating_under_another_model_or_diffusion_config_is_an_error(digits_r
     with pytest.raises(ValueError, match=r"define the model: diffusion\.schedule_kwargs\.beta_end "
                                          r"'\(absent\)' -> 0\.03\. Run"):
         trainer.evaluate(config, workdir)
+    # The image size is the model's input: digits at 16x16 would be another bound (it was
+    # computed silently), and samples of another size.
+    config = digits_run[0].copy_and_resolve_references()
+    config.data.image_size = 16
+    with pytest.raises(ValueError, match=r"define the model: data\.image_size 8 -> 16\. Run"):
+        trainer.evaluate(config, workdir)
+    with pytest.raises(ValueError, match=r"data\.image_size 8 -> 16"):
+        trainer.sample(config, workdir, num_images=2)
+
+
+@pytest.mark.parametrize("saved_rate, rate, refused", [(0.0, 0.1, True), (0.1, 0.0, True), (0.1, 0.2, False)])
+def test_inference_keeps_the_kind_of_conditioning_it_was_trained_with(saved_rate, rate, refused):
+    """With label dropout the NLL is p(x) and guidance has a trained null class; without it
+    the NLL is p(x | label): switching between the two at inference changes what is measured."""
+    config = _tiny_digits_config(10)
+    config.model.num_classes, config.cond_drop_rate = 10, rate
+    saved = json.loads(json.dumps(config.to_dict()))  # as saved: tuples become lists
+    saved["cond_drop_rate"] = saved_rate
+    if refused:
+        with pytest.raises(ValueError, match=rf"define the model: cond_drop_rate {saved_rate} -> {rate}\."):
+            trainer._check_inference_config(config, saved, 5, "ckpts")
+    else:
+        trainer._check_inference_config(config, saved, 5, "ckpts")
 
 
 def test_resuming_with_changed_fields_warns_naming_them_and_records_the_new_config(digits_run, tmp_path, caplog):
@@ -282,10 +305,23 @@ def test_resuming_with_changed_fields_warns_naming_them_and_records_the_new_conf
     with pytest.raises(ValueError, match=r"differs from the checkpoint's in: .*model\.ch 32 -> 64"):
         trainer.train_and_evaluate(wider, copy)
 
+    # A change the checkpoint's arrays fit but that changes what they compute (a v-prediction
+    # network resumed from an eps-prediction one, say a forgotten override) is refused before
+    # anything is written: it used to train on with a warning, and checkpoint.max_to_keep then
+    # deleted the steps trained under the old values.
+    config.diffusion.prediction = "v"
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
+    with pytest.raises(ValueError, match=r"checkpoint step 60 .* define the model: diffusion\.prediction 'eps' -> "
+                                         r"'v'\..*allow_model_changes=True"):
+        trainer.train_and_evaluate(config, copy)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")} == before
+
+    # On purpose (fine-tuning under new values), with allow_model_changes: logged with the rest.
     with caplog.at_level("WARNING", logger=trainer.logger.name):
-        assert int(trainer.train_and_evaluate(config, copy).step) == 61
+        assert int(trainer.train_and_evaluate(config, copy, allow_model_changes=True).step) == 61
     warning = next(r.getMessage() for r in caplog.records if "differs from the checkpoint's" in r.getMessage())
     assert "batch_size 32 -> 16" in warning and "optim.learning_rate 0.002 -> 0.001" in warning
+    assert "diffusion.prediction 'eps' -> 'v'" in warning
     # Operational fields (how long, how often) are not reported; the decay is constant here.
     assert "num_train_steps" not in warning and "log_every_steps" not in warning
     assert checkpointing.load_config(copy)["batch_size"] == 16
@@ -331,6 +367,9 @@ def test_a_workdir_whose_every_checkpoint_was_damaged_does_not_start_over(digits
             trainer.train_and_evaluate(config, str(copy))
     assert sorted(p.name for p in (copy / "checkpoints").iterdir() if "corrupt" in p.name or p.name.isdigit()) == [
         "30.corrupt-0", "60.corrupt-0"]
+    # Evaluating and sampling say the same (they said "No checkpoint ...: train first").
+    with pytest.raises(checkpointing.CheckpointNotFoundError, match=r"only steps found damaged and moved aside"):
+        trainer.evaluate(config, str(copy))
 
 
 @pytest.mark.parametrize("name, warns", [("folder", True), ("digits", False)])
@@ -339,10 +378,10 @@ def test_another_data_dir_warns_on_resume_where_it_is_the_dataset(name, warns, c
     config = _tiny_digits_config(10)
     config.data.name = name
     config.data.data_dir = "/data/new"
-    saved = config.to_dict()
+    saved = json.loads(json.dumps(config.to_dict()))  # as saved: tuples become lists
     saved["data"]["data_dir"] = "/data/old"
     with caplog.at_level("WARNING", logger=trainer.logger.name):
-        trainer._warn_about_resumed_changes(config, saved, step=5)
+        trainer._check_resumed_config(config, saved, 5, "ckpts", allow_model_changes=False)
     said = " ".join(r.getMessage() for r in caplog.records)
     assert ("data.data_dir '/data/old' -> '/data/new'" in said) == warns, said
 

@@ -360,10 +360,16 @@ _OPERATIONAL_FIELDS = ("num_train_steps", "log_every_steps", "checkpoint_every_s
                        "max_consecutive_nonfinite", "steps_per_dispatch", "num_microbatches", "distributed",
                        "data.data_dir", "data.worker_count") + _SPEED_ONLY_MODEL_FIELDS
 _OPERATIONAL_SECTIONS = ("eval.", "sample.", "checkpoint.")
-# Fields that define what a checkpoint's parameters mean: evaluating or sampling
-# under other values gives wrong numbers (dropout is off there anyway).
+# Fields that define what a checkpoint's parameters compute: the diffusion, the network
+# and the image size. Evaluating or sampling under other values gives wrong numbers, and
+# training on under them silently changes what the saved parameters mean (while
+# checkpoint.max_to_keep rotates out the steps trained under the old values), so both are
+# refused. Not among them: dropout (off at inference), the speed-only fields, and what
+# only says how the parameters are trained (the loss and its options).
 _MODEL_SECTIONS = ("diffusion.", "model.")
 _MODEL_FIELDS_FREE_AT_INFERENCE = ("model.dropout",) + _SPEED_ONLY_MODEL_FIELDS
+_TRAINING_OBJECTIVE_FIELDS = ("diffusion.loss", "diffusion.min_snr_gamma", "diffusion.vlb_weight",
+                              "diffusion.timestep_sampler")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -393,10 +399,32 @@ def _describe(changes) -> str:
     return ", ".join(f"{field} {old!r} -> {new!r}" for field, old, new in changes)
 
 
-def _warn_about_resumed_changes(config, saved: dict | None, step: int) -> None:
-    """Logs the fields that differ from the checkpoint's config and change the training."""
+def _defines_model(field: str) -> bool:
+    if field == "data.image_size":
+        return True
+    return (field.startswith(_MODEL_SECTIONS) and field not in _MODEL_FIELDS_FREE_AT_INFERENCE
+            and field not in _TRAINING_OBJECTIVE_FIELDS)
+
+
+def _model_changes_message(changes, step: int, directory) -> str:
+    return (f"The config differs from the one checkpoint step {step} in {directory} was trained with, in "
+            f"fields that define the model: {_describe(changes)}. Run with the training run's config and "
+            "overrides (the checkpoint's copy is in its config/metadata file)")
+
+
+def _check_resumed_config(config, saved: dict | None, step: int, directory, *, allow_model_changes: bool) -> None:
+    """Refuses fields that define the model changed since the checkpoint (unless allowed);
+    logs the other fields that differ and change the training."""
     if saved is None:
         return
+    model_changes = [c for c in _config_changes(saved, config) if _defines_model(c[0])]
+    if model_changes and not allow_model_changes:
+        raise ValueError(
+            _model_changes_message(model_changes, step, directory) + ". Training on under the new values "
+            "would change what the saved parameters mean, and the steps trained under the old ones would "
+            "be deleted as newer ones are saved (checkpoint.max_to_keep). To fine-tune them under the new "
+            "values on purpose, pass allow_model_changes=True (train.py --allow_model_changes), best in a "
+            "copy of the workdir.")
     cosine = config.optim.decay == "cosine"
 
     def changes_training(field):
@@ -413,16 +441,18 @@ def _warn_about_resumed_changes(config, saved: dict | None, step: int) -> None:
 
 
 def _check_inference_config(config, saved: dict | None, step: int, directory) -> None:
-    """Evaluating or sampling needs the diffusion and model settings the checkpoint was trained with."""
+    """Evaluating or sampling needs the diffusion, model and image size the checkpoint was
+    trained with, and the same kind of conditioning: with label dropout (cond_drop_rate > 0)
+    the NLL is the unconditional p(x) and guidance has a trained null class; without, the
+    NLL is p(x | label) and guidance is refused."""
     if saved is None:
         return
-    changes = [c for c in _config_changes(saved, config)
-               if c[0].startswith(_MODEL_SECTIONS) and c[0] not in _MODEL_FIELDS_FREE_AT_INFERENCE]
-    if changes:
-        raise ValueError(
-            f"The config differs from the one checkpoint step {step} in {directory} was trained with, in "
-            f"fields that define the model: {_describe(changes)}. Run with the training run's config and "
-            "overrides (the checkpoint's copy is in its config/metadata file).")
+    changes = _config_changes(saved, config)
+    refused = [c for c in changes if _defines_model(c[0])]
+    refused += [(field, old, new) for field, old, new in changes
+                if field == "cond_drop_rate" and isinstance(old, (int, float)) and (old > 0) != (new > 0)]
+    if refused:
+        raise ValueError(_model_changes_message(refused, step, directory) + ".")
 
 
 def _check_data_matches(config, info: input_pipeline.DatasetInfo) -> None:
@@ -736,17 +766,42 @@ def _no_checkpoint_message(workdir: str) -> str:
 _FIELDS_ADDED_LATER = ("ema_schedule_params",)
 
 
+def _only_damaged_steps_message(ckpt: checkpointing.Checkpointer) -> str:
+    return (f"{ckpt.directory} holds no intact checkpoint, only steps found damaged and moved aside "
+            f"earlier: {', '.join(ckpt.damaged_steps())}")
+
+
+def _restore(job: _Job, ckpt: checkpointing.Checkpointer, **kwargs) -> TrainState:
+    """The newest intact step (see ``Checkpointer.restore``); a template the checkpoint does not
+    match is reported with the fields where the config differs from the newest step's."""
+    try:
+        return ckpt.restore(job.abstract_state(), optional_fields=_FIELDS_ADDED_LATER, **kwargs)
+    except ValueError as e:
+        try:
+            saved_config = ckpt.saved_config()
+        except ValueError:  # its own problem; the restore's error comes first
+            saved_config = None
+        changes = _config_changes(saved_config, job.config) if saved_config is not None else []
+        if not changes:
+            raise
+        raise ValueError(f"{e}\nThe config differs from the checkpoint's in: {_describe(changes)}.") from e
+
+
 def _restore_for_inference(job: _Job, workdir: str) -> TrainState:
+    """The newest intact step's state (read only), once its config is checked to be the model's.
+
+    Restored first, then checked: the config compared is that of the step restored (a
+    damaged newer one is skipped); reading a checkpoint compiles nothing.
+    """
     ckpt = job.checkpointer(workdir, read_only=True)
     try:
         if ckpt.latest_step() is None:
+            if ckpt.damaged_steps():
+                raise checkpointing.CheckpointNotFoundError(_only_damaged_steps_message(ckpt) + ".")
             raise FileNotFoundError(_no_checkpoint_message(workdir))
-        newest = ckpt.latest_step()
-        _check_inference_config(job.config, ckpt.saved_config(newest), newest, ckpt.directory)
-        state = ckpt.restore(job.abstract_state(), optional_fields=_FIELDS_ADDED_LATER)
-        restored = int(state.step)
-        if restored != newest:  # the newest step was damaged and skipped: check against the one restored
-            _check_inference_config(job.config, ckpt.saved_config(restored), restored, ckpt.directory)
+        state = _restore(job, ckpt)
+        step = int(state.step)
+        _check_inference_config(job.config, ckpt.saved_config(step), step, ckpt.directory)
         return state
     finally:
         ckpt.close()
@@ -757,8 +812,15 @@ def _restore_for_inference(job: _Job, workdir: str) -> TrainState:
 # =============================================================================
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_model_changes: bool = False) -> TrainState:
     """Trains (resuming from ``workdir`` if it holds a checkpoint) and evaluates.
+
+    Resuming under a config whose model-defining fields (``model.*``,
+    ``diffusion.*`` but dropout, the speed-only fields and the loss options,
+    ``data.image_size``) differ from the checkpoint's is refused, naming them,
+    unless ``allow_model_changes`` (fine-tuning under new values on purpose);
+    other changes are logged.
 
     Leaves in ``workdir``: ``checkpoints/`` (with the config), ``config.json``,
     ``tensorboard/`` event files, ``samples/step_*.png`` grids and, with
@@ -789,28 +851,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     ckpt = job.checkpointer(workdir)  # every checkpoint also stores the config it was saved with
     if ckpt.latest_step() is not None:
         try:
-            state = ckpt.restore(job.abstract_state(), data_iterator=train_iter,
-                                 optional_fields=_FIELDS_ADDED_LATER)
-            if state.schedule_params is not None and state.ema_schedule_params is None:
-                logger.warning("The checkpoint predates the learned schedule's moving average: it starts "
-                               "from the schedule's parameters at step %d.", int(state.step))
-                state = state.replace(ema_schedule_params=jax.tree.map(jnp.copy, state.schedule_params))
-        except ValueError as e:
-            saved_config = ckpt.saved_config()
-            changes = _config_changes(saved_config, config) if saved_config is not None else []
-            if not changes:
-                raise
-            raise ValueError(f"{e}\nThe config differs from the checkpoint's in: {_describe(changes)}.") from e
-        # Compared with the step restored: a damaged newest step is moved aside and an older one used.
-        _warn_about_resumed_changes(config, ckpt.saved_config(int(state.step)), int(state.step))
+            state = _restore(job, ckpt, data_iterator=train_iter)
+            # Compared with the step restored: a damaged newest step is moved aside and an older one used.
+            _check_resumed_config(config, ckpt.saved_config(int(state.step)), int(state.step), ckpt.directory,
+                                  allow_model_changes=allow_model_changes)
+        except Exception:
+            ckpt.close()
+            raise
+        if state.schedule_params is not None and state.ema_schedule_params is None:
+            logger.warning("The checkpoint predates the learned schedule's moving average: it starts "
+                           "from the schedule's parameters at step %d.", int(state.step))
+            state = state.replace(ema_schedule_params=jax.tree.map(jnp.copy, state.schedule_params))
         logger.info("Resumed from step %d in %s.", int(state.step), ckpt.directory)
     elif ckpt.damaged_steps():
         # An earlier start found every step damaged and moved them aside (and failed): starting
         # over here would bury that run under a new one (an automatic restart would do just that).
         raise checkpointing.CheckpointNotFoundError(
-            f"{ckpt.directory} holds no intact checkpoint, only steps found damaged and moved aside "
-            f"earlier: {', '.join(ckpt.damaged_steps())}. Not starting over from step 0 beside them: "
-            "inspect or repair them, or move them out of the folder (or use a new workdir) to start afresh.")
+            _only_damaged_steps_message(ckpt) + ". Not starting over from step 0 beside them: inspect or "
+            "repair them, or move them out of the folder (or use a new workdir) to start afresh.")
     else:
         state = job.create_state()
     checkpointing.save_config(workdir, config.to_dict())  # the config this run goes on with
