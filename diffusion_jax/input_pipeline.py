@@ -22,7 +22,9 @@ Datasets (``DataConfig.name``):
   grayscale when every file is (PIL modes "1", "L", "LA" with the alpha
   dropped, and 16-bit "I;16*" scaled to 8 bits as ``round(v / 257)``), else
   RGB; files of 32-bit int or float mode ("I", "F"), whose range is unknown,
-  are refused.
+  are refused. A 16-bit colour file (48- or 64-bit PNG) is reduced to 8 bits
+  by PIL itself when it opens it, keeping the high byte (``v >> 8``, which
+  can be one level below ``round(v / 257)``).
 
 Folder images are turned upright by their EXIF orientation tag (as photo
 viewers show them). Every image is center-cropped to a square and resized to ``image_size`` with
@@ -303,6 +305,14 @@ def _check_image_mode(path: str, mode: str) -> None:
         )
 
 
+# The split listed and header-checked in a directory, and the directory's mtime: every evaluation
+# during training opens the eval split again, and a folder of a million images takes
+# about a minute to check. A file added, removed or renamed changes the directory's
+# mtime (unless within the file system's timestamp granularity, a few ms, of the
+# listing); a file rewritten in place is checked again when it is read.
+_FOLDER_SPLITS: dict[str, tuple[int, _Split]] = {}  # the latest listing of each directory
+
+
 def _folder_split(folder: str, split: str) -> _Split:
     """Lists and header-checks the images of `folder/split`, or of `folder` itself."""
     root = os.fspath(folder)
@@ -310,6 +320,14 @@ def _folder_split(folder: str, split: str) -> _Split:
         raise ValueError(f"folder dataset: data_dir {root!r} is not a directory.")
     split_dir = os.path.join(root, split)
     directory = split_dir if os.path.isdir(split_dir) else root
+    path, mtime = os.path.abspath(directory), os.stat(directory).st_mtime_ns
+    cached = _FOLDER_SPLITS.get(path)
+    if cached is None or cached[0] != mtime:
+        _FOLDER_SPLITS[path] = cached = (mtime, _list_folder(root, split, split_dir, directory))
+    return cached[1]
+
+
+def _list_folder(root: str, split: str, split_dir: str, directory: str) -> _Split:
     paths = sorted(
         os.path.join(directory, f)
         for f in os.listdir(directory)
@@ -353,7 +371,7 @@ def _not_prepared_message(name: str, data_dir: str | None, builder) -> str:
         "never downloads. Prepare it on a machine with internet access and TensorFlow:\n"
         "  pip install tensorflow tensorflow-datasets importlib_resources\n"
         f"  tfds build {name} --file_format=array_record --data_dir=/tmp/tfds\n"
-        f"then copy /tmp/tfds/{name.split(':')[0].split('/')[0]} into the data_dir "
+        f"then copy /tmp/tfds/{builder.name} into the data_dir "  # TFDS's folder: "Cifar10" is cifar10
         "(or point DataConfig.data_dir at /tmp/tfds)."
     )
 
@@ -655,11 +673,20 @@ class _TrainIterator(grain.DatasetIterator):
             next_index = state["next_index"]
             _check_state_value("next_index", next_index, state)
             return next_index * self._global_batch_size
+        if isinstance(state, dict) and isinstance(state.get("iterators_in_use_states"), list):
+            # grain's multi-worker state, written by earlier versions with worker_count > 0:
+            # worker w made batches w, w + W, ... and they were taken in turn, so the
+            # batches taken are the sum of the workers' next_index.
+            workers = state["iterators_in_use_states"]
+            if workers and all(isinstance(w, dict) and set(w) == {"next_index"} for w in workers):
+                for worker in workers:
+                    _check_state_value("next_index", worker["next_index"], state)
+                return sum(w["next_index"] for w in workers) * self._global_batch_size
         if not isinstance(state, dict) or set(state) != set(_STATE_KEYS):
             raise ValueError(
                 f"Training iterator state {state!r} is not one this pipeline writes: "
                 f"expected the keys {list(_STATE_KEYS)} (or an earlier version's "
-                "{'next_index': n})."
+                "{'next_index': n}, or its multi-worker form with 'iterators_in_use_states')."
             )
         for key in _STATE_KEYS:
             _check_state_value(key, state[key], state)
@@ -771,7 +798,10 @@ def create_train_iterator(
         process_count: number of processes reading disjoint shards.
         worker_count: grain worker processes (0: threads in this process only;
             PNG decoding holds the GIL, so real runs want a few). Neither the
-            batches nor the iterator state depend on it.
+            batches nor the iterator state depend on it. The workers are
+            started with "spawn", which imports the main module again: a
+            script of your own needs its ``if __name__ == "__main__":`` guard
+            (train.py has it).
     """
     _check_processes(process_index, process_count)
     _check_positive_int("global_batch_size", global_batch_size)

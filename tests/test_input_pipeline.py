@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 
 import grain
 import jax
@@ -401,6 +402,22 @@ def test_legacy_next_index_state_counts_batches_of_the_current_size(digits_dir):
     assert restored.get_state() == _state(8 * 32, 32, 4)
 
 
+def test_legacy_multi_worker_state_counts_the_batches_of_every_worker(digits_dir):
+    """The state the pipeline before 49eb978 saved with worker_count=2 after 7 batches
+    (printed by that code): worker 0 had made 4 batches (0, 2, 4, 6), worker 1 three
+    (1, 3, 5), taken in turn. A checkpoint holding it could not be resumed."""
+    legacy = {"next_index_in_cycle": 1, "next_index_in_datasets": 2, "iterators_in_use_indices": [0, 1],
+              "iterators_in_use_states": [{"next_index": 4}, {"next_index": 3}], "exhausted": [0, 0],
+              "future_states": {}}
+    config = _digits(digits_dir, image_size=8)
+    uninterrupted = _take(ip.create_train_iterator(config, global_batch_size=32, seed=4), 9)
+    restored = ip.create_train_iterator(config, global_batch_size=32, seed=4)
+    restored.set_state(legacy)
+    for a, b in zip(uninterrupted[7:], _take(restored, 2)):
+        np.testing.assert_array_equal(a["image"], b["image"])
+    assert restored.get_state() == _state(9 * 32, 32, 4)
+
+
 def test_state_of_another_seed_or_split_continues_with_a_warning(digits_dir, caplog):
     config = _digits(digits_dir, image_size=8)
     other_seed = ip.create_train_iterator(config, global_batch_size=32, seed=6)
@@ -429,6 +446,8 @@ def test_state_of_another_seed_or_split_continues_with_a_warning(digits_dir, cap
         ({"position": 3}, "next_example"),
         ({**_state(0, 32, 0), "next_example": -32}, "next_example.*-32"),
         ({"next_index": "7"}, "next_index.*'7'"),
+        ({"iterators_in_use_states": [{"next_index": -1}]}, "next_index.*-1"),
+        ({"iterators_in_use_states": [{"position": 1}]}, "multi-worker form"),
     ],
 )
 def test_bad_state_is_refused(digits_dir, state, match):
@@ -537,6 +556,10 @@ def test_unprepared_dataset_error_names_dataset_data_dir_and_fix(tmp_path):
     message = str(error.value)
     assert "'mnist'" in message and empty in message
     assert "tfds build mnist --file_format=array_record" in message
+    assert "copy /tmp/tfds/mnist into the data_dir" in message
+    # TFDS takes the name in any case and prepares it under its own (lower-case) folder.
+    with pytest.raises(ValueError, match="copy /tmp/tfds/mnist into the data_dir"):
+        ip.dataset_info(ip.DataConfig("MNIST:3.0.1", data_dir=empty))
 
 
 def test_unknown_dataset_name_is_an_error(tmp_path):
@@ -642,6 +665,24 @@ def test_folder_grayscale_and_split_subfolders(tmp_path):
     PIL.Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "test" / "rgb.png")
     batch = next(ip.create_eval_iterator(config, batch_size=3))
     assert batch["image"].shape == (3, 8, 8, 3)
+
+
+def test_a_folder_split_is_listed_and_checked_once_until_its_folder_changes(tmp_path, monkeypatch):
+    """Every evaluation during training opens the eval split again: an unchanged folder is
+    not listed and header-checked again (about a minute for a million images)."""
+    for k in range(3):
+        PIL.Image.fromarray(np.full((8, 8), 40 * k, np.uint8), mode="L").save(tmp_path / f"{k}.png")
+    listed = []
+    list_folder = ip._list_folder
+    monkeypatch.setattr(ip, "_list_folder", lambda *args: listed.append(args[-1]) or list_folder(*args))
+    config = ip.DataConfig("folder", data_dir=str(tmp_path), image_size=8)
+    for _ in range(3):
+        (batch,) = list(ip.create_eval_iterator(config, batch_size=3))
+    assert listed == [str(tmp_path)]
+    time.sleep(0.05)  # past the file system's timestamp granularity (a few ms on some kernels)
+    os.remove(tmp_path / "2.png")  # the folder changed: listed again, without the file
+    (batch,) = list(ip.create_eval_iterator(config, batch_size=3))
+    assert listed == [str(tmp_path)] * 2 and list(batch["mask"]) == [1, 1, 0]
 
 
 # Values at every rounding edge of v / 257 (k * 257 + 128 rounds down, + 129 up),
