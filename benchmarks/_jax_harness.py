@@ -34,6 +34,9 @@ GPU_PEAK_FLOPS = {
     ("H100 PCIe", "bfloat16"): 756e12,
     ("H100 PCIe", "tf32"): 378e12,
     ("H100 PCIe", "float32"): 51e12,
+    ("H100 NVL", "bfloat16"): 835e12,
+    ("H100 NVL", "tf32"): 418e12,
+    ("H100 NVL", "float32"): 60e12,
     ("H100", "bfloat16"): 989e12,
     ("H100", "tf32"): 495e12,
     ("H100", "float32"): 67e12,
@@ -198,7 +201,7 @@ def peak_flops_per_s(device, dtype: str) -> tuple[float | None, str]:
         if precision not in FULL_FLOAT32_PRECISIONS:
             arithmetic = "tf32"
             why = f" (float32 at matmul precision {precision or 'default'} runs as TF32)"
-    for (name, dt), value in GPU_PEAK_FLOPS.items():  # "H100 PCIe" is listed before "H100"
+    for (name, dt), value in GPU_PEAK_FLOPS.items():  # "H100 PCIe" and "NVL" are listed before "H100"
         if name in kind and dt == arithmetic:
             return value, f"{name} datasheet dense {dt}: {value / 1e12:.0f} TFLOP/s{why}"
     return None, f"no peak known for {kind!r} {dtype}"

@@ -68,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="untimed calls after compiling")
     p.add_argument("--steps-per-dispatch", type=int, default=1,
                    help="training steps per jitted call (lax.scan over K stacked batches)")
+    p.add_argument("--microbatches", type=int, default=1,
+                   help="gradient accumulation: each device's batch in this many micro-batches "
+                        "(train.py's config.num_microbatches): the activations of one at a time")
     p.add_argument("--attention-impl", choices=("xla", "cudnn"), default=None,
                    help="attention through jax.nn.dot_product_attention with this implementation "
                         "(default: the UNet's own attention, UNetConfig.attention_impl=None)")
@@ -77,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     harness.add_device_args(p)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    for name in ("repeats", "steps", "warmup", "steps_per_dispatch"):
+    for name in ("repeats", "steps", "warmup", "steps_per_dispatch", "microbatches"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.batch is not None and any(b < 1 for b in args.batch):
@@ -89,13 +92,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_step(workload: workloads.Workload, dtype: str, steps_per_dispatch: int,
-               attention_impl: str | None, mesh, *, conv_weight_grad: str | None = None):
+               attention_impl: str | None, mesh, *, conv_weight_grad: str | None = None,
+               microbatches: int = 1):
     """The jitted, data-parallel training call and the objects it needs.
 
     Returns:
       ``(call, tx)``: ``call(state, batch, key) -> (state, metrics)``
-      runs ``steps_per_dispatch`` training steps; with K > 1 the batch leaves
-      have a leading axis of K.
+      runs ``steps_per_dispatch`` training steps, each over ``microbatches``
+      micro-batches per device; with K > 1 the batch leaves have a leading
+      axis of K.
     """
     from jax.sharding import PartitionSpec as P
 
@@ -112,7 +117,8 @@ def build_step(workload: workloads.Workload, dtype: str, steps_per_dispatch: int
     schedule = dj.make_schedule("linear", workload.timesteps, beta_start=workload.beta_start,
                                 beta_end=workload.beta_end)
     tx, lr_schedule = make_optimizer(OptimConfig(learning_rate=workloads.LEARNING_RATE))
-    step = make_train_step(model, schedule, tx, lr_schedule, ema_decay=EMA_DECAY, loss_config=LossConfig())
+    step = make_train_step(model, schedule, tx, lr_schedule, ema_decay=EMA_DECAY, loss_config=LossConfig(),
+                           num_microbatches=microbatches)
 
     # K steps in one call as train.py runs them (config.steps_per_dispatch): a scan
     # whose carry is the state; its metrics come back per step.
@@ -189,7 +195,7 @@ def measure(args: argparse.Namespace, workload: workloads.Workload, batch: int, 
     if batch % len(devices):
         raise ValueError(f"batch {batch} is not divisible by the {len(devices)} devices of the mesh")
     call, tx = build_step(workload, dtype, k, args.attention_impl, mesh,
-                          conv_weight_grad=args.conv_weight_grad)
+                          conv_weight_grad=args.conv_weight_grad, microbatches=args.microbatches)
     state, num_params = init_state(tx, workload, mesh, args.seed)
     data = synthetic_batch(workload, batch, k, mesh, args.seed)
     key = jax.device_put(jax.random.key(args.seed), parallel.replicated_sharding(mesh))
@@ -247,6 +253,7 @@ def measure(args: argparse.Namespace, workload: workloads.Workload, batch: int, 
         "steps": args.steps,
         "warmup": args.warmup,
         "steps_per_dispatch": k,
+        "microbatches": args.microbatches,
         "attention_impl": args.attention_impl,
         "conv_weight_grad": args.conv_weight_grad or workload.unet.conv_weight_grad,
         "cpu_share": cpu_share if devices[0].platform == "cpu" else None,
@@ -267,11 +274,16 @@ def main(argv: list[str] | None = None) -> int:
     batches = args.batch or [workload.batch_gpu if on_gpu else workload.batch_cpu]
     dtypes = args.dtype or ["bfloat16" if on_gpu else "float32"]
     harness.check_batches_divide(batches, devices)
+    bad = [b for b in batches if (b // len(devices)) % args.microbatches]
+    if bad:
+        sys.exit(f"error: --microbatches {args.microbatches} does not divide each device's share of --batch "
+                 f"{' '.join(map(str, bad))} over {len(devices)} devices")
     mesh = parallel.make_mesh()
     for dtype in dtypes:
         for batch in batches:
             print(f"{workload.name}: batch {batch}, {dtype}, {len(devices)} device(s), "
-                  f"{args.steps_per_dispatch} step(s)/call", file=sys.stderr, flush=True)
+                  f"{args.steps_per_dispatch} step(s)/call, {args.microbatches} micro-batch(es)/step",
+                  file=sys.stderr, flush=True)
             _report.emit(measure(args, workload, batch, dtype, mesh))
     return 0
 

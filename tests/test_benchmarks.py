@@ -148,6 +148,10 @@ def test_train_throughput_rejects_bad_flags():
         train_throughput.parse_args(["--workload", "tiny", "--batch", "0"])
     with pytest.raises(SystemExit):
         train_throughput.parse_args(["--workload", "tiny", "--cpu-convolutions", "onednn"])
+    with pytest.raises(SystemExit):
+        train_throughput.parse_args(["--workload", "tiny", "--microbatches", "0"])
+    with pytest.raises(SystemExit, match=r"--microbatches 3 does not divide each device's share of --batch 16"):
+        train_throughput.main(["--workload", "tiny", "--batch", "16", "--microbatches", "3"])
     assert train_throughput.parse_args(["--workload", "tiny"]).cpu_convolutions == "auto"
 
 
@@ -247,6 +251,9 @@ class _Gpu:
     ("NVIDIA H100 PCIe", "bfloat16", None, 1513 / 2, "bfloat16"),
     ("NVIDIA H100 PCIe", "float32", None, 756 / 2, "tf32"),
     ("NVIDIA H100 PCIe", "float32", "float32", 51, "float32"),
+    ("NVIDIA H100 NVL", "bfloat16", None, 1671 / 2, "bfloat16"),
+    ("NVIDIA H100 NVL", "float32", None, 835 / 2, "tf32"),
+    ("NVIDIA H100 NVL", "float32", "highest", 60, "float32"),
     ("NVIDIA H200", "bfloat16", None, 1979 / 2, "bfloat16"),
     ("NVIDIA H200", "float32", None, 989 / 2, "tf32"),
 ])

@@ -225,7 +225,9 @@ def test_several_steps_per_call_resume_between_calls_and_match_one_step_per_call
     assert "steps_per_dispatch=5 on the CPU backend" in caplog.text  # slow there: a warning
     config.num_train_steps = 60
     config.num_microbatches = 2  # 32 examples over 8 devices: two micro-batches of 2 on each
-    resumed = trainer.train_and_evaluate(config, workdir)
+    with caplog.at_level("WARNING", logger=trainer.logger.name):
+        resumed = trainer.train_and_evaluate(config, workdir)
+    assert "num_microbatches=2 on the CPU backend" in caplog.text  # slow there too: a warning
     assert int(resumed.step) == 60 and int(resumed.nonfinite_count) == 0
 
     scalars = _read_scalars(os.path.join(workdir, trainer.TENSORBOARD_SUBDIR))

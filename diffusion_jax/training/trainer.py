@@ -885,6 +885,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     one_step = make_train_step(job.model, job.schedule, job.tx, job.lr_schedule, ema_decay=config.ema_decay,
                                loss_config=_loss_config(config), num_microbatches=config.num_microbatches)
     per_call = config.steps_per_dispatch
+    if config.num_microbatches > 1 and jax.default_backend() == "cpu":
+        logger.warning(
+            "num_microbatches=%d on the CPU backend: XLA:CPU (jaxlib 0.10) runs the forward and backward "
+            "passes inside the loop over micro-batches several times slower (BENCHMARKS.md); it saves "
+            "activation memory, which a CPU rarely lacks.", config.num_microbatches)
     if per_call > 1 and jax.default_backend() == "cpu":
         logger.warning(
             "steps_per_dispatch=%d on the CPU backend: XLA:CPU (jaxlib 0.10) compiles the convolutions' "
