@@ -30,9 +30,9 @@ _SAMPLER = flags.DEFINE_string("sampler", None, "--mode=sample: ddpm, ddim or dp
 _NUM_STEPS = flags.DEFINE_integer("num_steps", None, "--mode=sample: sampling steps (default: config.sample).")
 _ALLOW_MODEL_CHANGES = flags.DEFINE_boolean(
     "allow_model_changes", False,
-    "--mode=train: resume although fields that define the model (model.*, diffusion.* but dropout and the "
-    "loss options, data.image_size) differ from the checkpoint's config, to fine-tune its parameters under "
-    "the new values on purpose; without it such a resume is refused.")
+    "--mode=train: resume although fields that define the model (model.* but dropout, diffusion.* but the "
+    "loss and its weights, data.image_size) differ from the checkpoint's config, to fine-tune its parameters "
+    "under the new values on purpose; without it such a resume is refused.")
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", None,
     "On the CPU backend, split each process's CPU into this many data-parallel XLA devices "

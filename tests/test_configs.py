@@ -129,6 +129,12 @@ def test_num_microbatches_must_divide_each_devices_batch():
     config = _load("cifar10")
     config.num_microbatches = 16  # 128 / 8 devices = 16 each: micro-batches of one example
     trainer.validate_config(config, device_count=8)
+    # Evaluating or sampling does not split the training batch: a run trained on fewer
+    # devices evaluates on 64.
+    config.num_microbatches, config.batch_size = 32, 96
+    with pytest.raises(ValueError, match=r"config\.batch_size"):
+        trainer.validate_config(config, device_count=64)
+    trainer.validate_config(config, device_count=64, training=False)
 
 
 def test_zero_timesteps():

@@ -185,7 +185,7 @@ def test_sigterm_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one(di
     with caplog.at_level("WARNING", logger=trainer.logger.name):
         stopped = trainer.train_and_evaluate(config, workdir)
     killer.join()
-    assert "Received SIGINT while the final checkpoint is written: finishing it first." in caplog.text
+    assert "Received SIGINT while a checkpoint is written: finishing it first." in caplog.text
     assert signal.getsignal(signal.SIGTERM) is handler_before
     stopped_at = int(stopped.step)
     assert 10 <= stopped_at < 60
@@ -199,6 +199,29 @@ def test_sigterm_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one(di
     for name in ("params", "ema_params", "opt_state"):
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                      getattr(straight, name), getattr(resumed, name))
+
+
+def test_signals_while_a_checkpoint_is_written_wait_for_it(tmp_path, monkeypatch, caplog):
+    """SIGTERM and then Ctrl-C arriving while the loop writes the step-10 checkpoint: the
+    checkpoint is finished and the run stops there (the Ctrl-C, a second signal, raised
+    KeyboardInterrupt in the middle of the save, and step 10 was lost with a synchronous save)."""
+    config = _training_only(_tiny_digits_config(num_train_steps=20), checkpoint_every_steps=10)
+    save = checkpointing.Checkpointer.save
+
+    def signalled_while_saving(self, step, *args, **kwargs):
+        if step == 10 and not kwargs.get("force"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
+        return save(self, step, *args, **kwargs)
+    monkeypatch.setattr(checkpointing.Checkpointer, "save", signalled_while_saving)
+    with caplog.at_level("WARNING", logger=trainer.logger.name):
+        stopped = trainer.train_and_evaluate(config, str(tmp_path))
+    assert int(stopped.step) == 10
+    assert "Received SIGINT while a checkpoint is written: finishing it first." in caplog.text
+    monkeypatch.undo()
+    ckpt = checkpointing.Checkpointer(os.path.join(tmp_path, "checkpoints"), read_only=True)
+    assert ckpt.all_steps() == [10]
+    ckpt.close()
 
 
 def test_several_steps_per_call_resume_between_calls_and_match_one_step_per_call(digits_run, tmp_path, caplog):
@@ -269,6 +292,11 @@ def test_evaluating_under_another_model_or_diffusion_config_is_an_error(digits_r
     with pytest.raises(ValueError, match=r"define the model: diffusion\.schedule_kwargs\.beta_end "
                                          r"'\(absent\)' -> 0\.03\. Run"):
         trainer.evaluate(config, workdir)
+    # Importance sampling's loss history is part of the saved state: the sampler is named.
+    config = digits_run[0].copy_and_resolve_references()
+    config.diffusion.timestep_sampler = "importance"
+    with pytest.raises(ValueError, match=r"diffusion\.timestep_sampler 'uniform' -> 'importance'"):
+        trainer.evaluate(config, workdir)
     # The image size is the model's input: digits at 16x16 would be another bound (it was
     # computed silently), and samples of another size.
     config = digits_run[0].copy_and_resolve_references()
@@ -279,10 +307,11 @@ def test_evaluating_under_another_model_or_diffusion_config_is_an_error(digits_r
         trainer.sample(config, workdir, num_images=2)
 
 
-@pytest.mark.parametrize("saved_rate, rate, refused", [(0.0, 0.1, True), (0.1, 0.0, True), (0.1, 0.2, False)])
-def test_inference_keeps_the_kind_of_conditioning_it_was_trained_with(saved_rate, rate, refused):
-    """With label dropout the NLL is p(x) and guidance has a trained null class; without it
-    the NLL is p(x | label): switching between the two at inference changes what is measured."""
+@pytest.mark.parametrize("saved_rate, rate, refused", [(0.0, 0.1, True), (0.1, 0.0, False), (0.1, 0.2, False)])
+def test_inference_needs_a_trained_null_class_for_the_unconditional_nll(saved_rate, rate, refused):
+    """cond_drop_rate > 0 evaluates p(x) through the null class, untrained in a model trained
+    without label dropout: refused. A model trained with it evaluated with cond_drop_rate 0
+    gives its conditional NLL p(x | label), which it also learned."""
     config = _tiny_digits_config(10)
     config.model.num_classes, config.cond_drop_rate = 10, rate
     saved = json.loads(json.dumps(config.to_dict()))  # as saved: tuples become lists
@@ -559,8 +588,10 @@ def test_speed_only_model_fields_are_free_and_may_be_absent_from_an_older_checkp
     del saved["model"]["attention_impl"], saved["model"]["conv_weight_grad"]
     config.model.conv_weight_grad = "xla"
     trainer._check_inference_config(config, saved, 4, "checkpoints")  # no error
-    trainer._warn_about_resumed_changes(config, saved, 4)
+    trainer._check_resumed_config(config, saved, 4, "checkpoints", allow_model_changes=False)  # no error
     assert "differs" not in caplog.text
     config.model.ch = 64  # a field that defines the model still does
     with pytest.raises(ValueError, match=r"fields that define the model: model\.ch 32 -> 64"):
         trainer._check_inference_config(config, saved, 4, "checkpoints")
+    with pytest.raises(ValueError, match=r"fields that define the model: model\.ch 32 -> 64"):
+        trainer._check_resumed_config(config, saved, 4, "checkpoints", allow_model_changes=False)

@@ -198,6 +198,7 @@ def validate_config(
     device_count: int,
     process_count: int = 1,
     workdir: str | None = None,
+    training: bool = True,
 ) -> None:
     """Checks every field of ``config``; raises a ValueError/TypeError naming the field.
 
@@ -210,6 +211,9 @@ def validate_config(
       device_count: devices of the whole job (the global batch is split over them).
       process_count: processes of the job (each reads its share of the batch).
       workdir: if given, must be writable (created if missing).
+      training: whether the config will train; if not (evaluation, sampling), how
+        ``batch_size`` and ``num_microbatches`` split over this job's devices is
+        not checked (a run trained on one GPU evaluates on eight).
     """
     _check_known_fields(config)
     # Top-level fields.
@@ -225,9 +229,9 @@ def validate_config(
             _fail(field, f"{_get(config, field)} is not a multiple of steps_per_dispatch="
                   f"{config.steps_per_dispatch}: logs, checkpoints and evaluations happen between calls")
     for count, what in ((device_count, "devices"), (process_count, "processes")):
-        if config.batch_size % count:
+        if training and config.batch_size % count:
             _fail("batch_size", f"{config.batch_size} is not divisible by the {count} {what} of this job")
-    if config.batch_size % (device_count * config.num_microbatches):
+    if training and config.batch_size % (device_count * config.num_microbatches):
         _fail("num_microbatches", f"{config.num_microbatches} does not divide each device's "
               f"{config.batch_size // device_count} examples (batch_size={config.batch_size} over "
               f"{device_count} devices)")
@@ -368,8 +372,8 @@ _OPERATIONAL_SECTIONS = ("eval.", "sample.", "checkpoint.")
 # only says how the parameters are trained (the loss and its options).
 _MODEL_SECTIONS = ("diffusion.", "model.")
 _MODEL_FIELDS_FREE_AT_INFERENCE = ("model.dropout",) + _SPEED_ONLY_MODEL_FIELDS
-_TRAINING_OBJECTIVE_FIELDS = ("diffusion.loss", "diffusion.min_snr_gamma", "diffusion.vlb_weight",
-                              "diffusion.timestep_sampler")
+# (Not the timestep sampler: importance sampling's loss history is part of the saved state.)
+_TRAINING_OBJECTIVE_FIELDS = ("diffusion.loss", "diffusion.min_snr_gamma", "diffusion.vlb_weight")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -442,15 +446,16 @@ def _check_resumed_config(config, saved: dict | None, step: int, directory, *, a
 
 def _check_inference_config(config, saved: dict | None, step: int, directory) -> None:
     """Evaluating or sampling needs the diffusion, model and image size the checkpoint was
-    trained with, and the same kind of conditioning: with label dropout (cond_drop_rate > 0)
-    the NLL is the unconditional p(x) and guidance has a trained null class; without, the
-    NLL is p(x | label) and guidance is refused."""
+    trained with. A model trained without label dropout (cond_drop_rate 0) has an untrained
+    null class: evaluating it with cond_drop_rate > 0 (the NLL of p(x), through the null
+    class) is refused too. The other way is fine: a model trained with label dropout
+    evaluated with cond_drop_rate 0 gives its conditional NLL p(x | label)."""
     if saved is None:
         return
     changes = _config_changes(saved, config)
     refused = [c for c in changes if _defines_model(c[0])]
     refused += [(field, old, new) for field, old, new in changes
-                if field == "cond_drop_rate" and isinstance(old, (int, float)) and (old > 0) != (new > 0)]
+                if field == "cond_drop_rate" and old == 0 and isinstance(new, (int, float)) and new > 0]
     if refused:
         raise ValueError(_model_changes_message(refused, step, directory) + ".")
 
@@ -676,9 +681,9 @@ def _saves_finished_on_error(ckpt: checkpointing.Checkpointer):
 class _StopSignals:
     """SIGTERM/SIGINT ask the loop to stop after the call (one or `steps_per_dispatch` steps) in flight.
 
-    A second SIGINT stops at once (KeyboardInterrupt), except while the final
-    checkpoint is written (``finishing``): a signal then waits for it, so
-    that it is not cut short. In a multi-process job
+    A second SIGINT stops at once (KeyboardInterrupt), except while a
+    checkpoint is written (``finishing``: the loop's, and the final one): a
+    signal then waits for it, so that it is not cut short. In a multi-process job
     no handler is installed: a flag set in one process would make it leave
     the loop while the others wait for it in a collective. There SIGTERM is
     handled by JAX's preemption service (see
@@ -695,7 +700,7 @@ class _StopSignals:
         del frame
         name = signal.Signals(signum).name
         if self.finishing:
-            logger.warning("Received %s while the final checkpoint is written: finishing it first.", name)
+            logger.warning("Received %s while a checkpoint is written: finishing it first.", name)
             self.requested = True
             return
         if self.requested and signum == signal.SIGINT:
@@ -749,7 +754,8 @@ def _setup(config, workdir: str, *, trained: bool = False) -> tuple[input_pipeli
     if trained and not _files.as_path(workdir).joinpath(CHECKPOINT_SUBDIR).exists():
         raise FileNotFoundError(_no_checkpoint_message(workdir))
     parallel.maybe_initialize_distributed(config.distributed)
-    validate_config(config, device_count=jax.device_count(), process_count=jax.process_count())
+    validate_config(config, device_count=jax.device_count(), process_count=jax.process_count(),
+                    training=not trained)
     # Data errors name the config section too (the pipeline names the dataset and file).
     info = _reraise_as_field("data", lambda: input_pipeline.dataset_info(_data_config(config)))
     _check_data_matches(config, info)
@@ -816,11 +822,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        allow_model_changes: bool = False) -> TrainState:
     """Trains (resuming from ``workdir`` if it holds a checkpoint) and evaluates.
 
-    Resuming under a config whose model-defining fields (``model.*``,
-    ``diffusion.*`` but dropout, the speed-only fields and the loss options,
-    ``data.image_size``) differ from the checkpoint's is refused, naming them,
-    unless ``allow_model_changes`` (fine-tuning under new values on purpose);
-    other changes are logged.
+    Resuming under a config whose model-defining fields (``model.*`` but
+    dropout and the speed-only fields, ``diffusion.*`` but the loss and its
+    weights, ``data.image_size``) differ from the checkpoint's is refused,
+    naming them, unless ``allow_model_changes`` (fine-tuning under new values
+    on purpose); other changes are logged.
 
     Leaves in ``workdir``: ``checkpoints/`` (with the config), ``config.json``,
     ``tensorboard/`` event files, ``samples/step_*.png`` grids and, with
@@ -991,7 +997,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 not_training += spent
                 progress.exclude(spent)
 
+            stop.finishing = True  # a signal while a checkpoint is written waits for it
             ckpt.save(step, state, data_iterator=train_iter)
+            stop.finishing = False
             if stop.requested or parallel.reached_preemption_sync_point(calls):
                 stopped_early = True
                 break
