@@ -138,8 +138,8 @@ def _dataclass_fields(cls, derived: tuple[str, ...] = ()) -> tuple[str, ...]:
 _SCHEMA = {
     "": ("num_train_steps", "batch_size", "seed", "log_every_steps", "checkpoint_every_steps",
          "eval_every_steps", "ema_decay", "max_consecutive_nonfinite", "cond_drop_rate", "distributed",
-         "compute_dtype", "steps_per_dispatch", "num_microbatches", "data", "model", "diffusion", "optim", "sample", "eval",
-         "checkpoint"),
+         "compute_dtype", "steps_per_dispatch", "num_microbatches", "data", "model", "diffusion", "optim",
+         "sample", "eval", "checkpoint"),
     "data": _dataclass_fields(input_pipeline.DataConfig) + _DATA_READING_FIELDS,
     "model": _dataclass_fields(UNetConfig, derived=("out_channels", "dtype")),
     "diffusion": ("num_timesteps", "schedule", "schedule_kwargs", "learned_schedule", "prediction", "variance",
