@@ -685,6 +685,28 @@ def test_a_folder_split_is_listed_and_checked_once_until_its_folder_changes(tmp_
     assert listed == [str(tmp_path)] * 2 and list(batch["mask"]) == [1, 1, 0]
 
 
+def test_a_large_jpeg_is_decoded_at_the_scale_the_image_size_needs(tmp_path):
+    """A 256x192 JPEG for 32x32 images: decoded at 1/4 scale (64x48, the smallest DCT scale
+    whose shorter side is still >= 32), and the model's input within a few levels of a full
+    decode's. PNGs and an image_size near the file's own decode whole."""
+    yy, xx = np.mgrid[0:192, 0:256]
+    smooth = np.stack([xx, yy, (xx + yy) // 2], -1).astype(np.uint8)  # gradients: no aliasing
+    PIL.Image.fromarray(smooth).save(tmp_path / "photo.jpg", quality=95)
+    PIL.Image.fromarray(smooth).save(tmp_path / "same.png")
+    records = ip._folder_split(str(tmp_path), "train").records
+    assert [records[i]["image"].shape for i in range(2)] == [(192, 256, 3), (192, 256, 3)]
+    assert [records.at_size(32)[i]["image"].shape for i in range(2)] == [(48, 64, 3), (192, 256, 3)]
+    assert records.at_size(100)[0]["image"].shape == (192, 256, 3)  # 1/2 would give 96 < 100
+
+    config = ip.DataConfig("folder", data_dir=str(tmp_path), image_size=32)
+    (batch,) = list(ip.create_eval_iterator(config, batch_size=2))
+    full = ip._center_crop_resize(records[0]["image"], 32).astype(np.float32) / 127.5 - 1
+    levels = np.abs(batch["image"][0] - full) * 127.5
+    assert levels.max() <= 3 and levels.mean() < 1, (levels.max(), levels.mean())
+    png = ip._center_crop_resize(records[1]["image"], 32).astype(np.float32) / 127.5 - 1
+    np.testing.assert_array_equal(batch["image"][1], png)
+
+
 # Values at every rounding edge of v / 257 (k * 257 + 128 rounds down, + 129 up),
 # then a ramp over the whole 16-bit range.
 _SIXTEEN_BIT = np.concatenate(
