@@ -286,7 +286,7 @@ class _FolderRecords:
         self._channels = channels
         self._draft_size = draft_size
 
-    def at_size(self, size: int) -> "_FolderRecords":
+    def at_size(self, size: int) -> _FolderRecords:
         """These records, JPEGs decoded no larger than an image of side ``size`` needs."""
         return _FolderRecords(self._paths, channels=self._channels, draft_size=size)
 
