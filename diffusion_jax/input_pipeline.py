@@ -28,7 +28,8 @@ Datasets (``DataConfig.name``):
 
 Folder images are turned upright by their EXIF orientation tag (as photo
 viewers show them); a JPEG is decoded at the smallest of its DCT scales (1/2,
-1/4, 1/8) whose shorter side still covers ``image_size``. Every image is center-cropped to a square and resized to ``image_size`` with
+1/4, 1/8) whose shorter side still covers ``image_size``. Every image is
+center-cropped to a square and resized to ``image_size`` with
 PIL's bilinear filter (antialiased when shrinking: PIL widens the filter by the
 reduction factor) while still uint8, so pixel values stay on the 8-bit grid,
 then mapped to float32 ``x / 127.5 - 1`` in [-1, 1] (Ho et al. 2020, sec. 3.3:
@@ -900,7 +901,8 @@ def create_eval_iterator(
     num_batches = -(-per_process // batch_size)
     if max_batches is not None:
         num_batches = min(num_batches, max_batches)
-    shard = grain.MapDataset.source(_records_at_size(split, config.image_size))[process_index::process_count]
+    records = _records_at_size(split, config.image_size)
+    shard = grain.MapDataset.source(records)[process_index::process_count]
     shard = shard.map(_ToModelInput(config.image_size))
     example_shape = (config.image_size, config.image_size, split.channels)
     dataset = grain.MapDataset.range(num_batches * batch_size).map(
