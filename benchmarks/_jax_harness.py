@@ -15,7 +15,6 @@ import functools
 import math
 import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -252,9 +251,7 @@ def peak_memory_bytes(devices) -> tuple[int | None, str]:
     if peaks:
         return max(peaks), ("device.memory_stats()['peak_bytes_in_use'], max over devices, "
                             "since the process started")
-    # ru_maxrss is in KiB on Linux.
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "process max RSS (ru_maxrss), since the process started")
+    return _report.process_peak_rss()
 
 
 def program_peak_bytes(compiled) -> int | None:

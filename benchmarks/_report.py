@@ -82,6 +82,15 @@ def device_description(accelerator: str | None = None, *, threads: int | None = 
     return f"cpu: {cpu_model_name()}, {threads} thread{'s' if threads != 1 else ''}"
 
 
+def process_peak_rss() -> tuple[int, str]:
+    """The process's maximum resident set size so far, in bytes, and a sentence saying so:
+    the peak memory a CPU run reports (ours and the peers' alike)."""
+    import resource
+
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB on Linux
+            "process max RSS (ru_maxrss), since the process started")
+
+
 def median_and_spread(values: Sequence[float]) -> tuple[float, list[float]]:
     """Median and [min, max] of repeated measurements.
 

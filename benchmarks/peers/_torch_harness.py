@@ -297,10 +297,7 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return (int(torch.cuda.max_memory_allocated(device)),
                 "torch.cuda.max_memory_allocated(), since the process started")
-    import resource
-
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB on Linux
-            "process max RSS (ru_maxrss), since the process started")
+    return _report.process_peak_rss()
 
 
 def record(impl: str, args: argparse.Namespace, device: torch.device, *, params: int,
